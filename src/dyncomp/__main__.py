@@ -1,0 +1,3 @@
+from dyncomp.cli import main
+
+raise SystemExit(main())
