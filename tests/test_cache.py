@@ -1,0 +1,97 @@
+"""Compaction and byte counting on hand-made `DynamicCache` objects."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from dyncomp.compression.cache import SlotRoles, cache_bytes, compact, step_drop_mask, valid_bytes
+
+LAYERS, BATCH, HEADS, SLOTS, HEAD_DIM = 2, 3, 2, 5, 4
+
+
+def numbered_cache() -> DynamicCache:
+    """A cache whose key entries equal `100 * layer + 10 * row + slot`, and values the negative of that."""
+    layers = []
+    for layer in range(LAYERS):
+        codes = 100 * layer + 10 * torch.arange(BATCH)[:, None] + torch.arange(SLOTS)[None, :]  # (batch, slots)
+        keys = codes[:, None, :, None].expand(BATCH, HEADS, SLOTS, HEAD_DIM).float().contiguous()
+        layers.append((keys, -keys))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def slot_codes(tensor: torch.Tensor, row: int) -> list[int]:
+    """The slot codes of one row, read from head 0 and checked equal on every head and channel."""
+    values = tensor[row]  # (kv_heads, seq, head_dim)
+    assert torch.equal(values, values[:1, :, :1].expand_as(values))
+    return [int(v) for v in values[0, :, 0]]
+
+
+def test_compact_keeps_order_and_shrinks_to_max_kept():
+    cache = numbered_cache()
+    layers_before = list(cache.layers)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    drop = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+
+    new_valid = compact(cache, valid, drop)
+
+    assert new_valid.tolist() == [[True] * 4, [False, True, True, True], [False, False, False, True]]
+    assert cache.get_seq_length() == 4
+    assert cache.layers == layers_before
+    for layer in range(LAYERS):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        assert keys.shape == (BATCH, HEADS, 4, HEAD_DIM)
+        assert slot_codes(keys, 0) == [100 * layer + s for s in (0, 2, 3, 4)]
+        assert slot_codes(keys, 1)[1:] == [100 * layer + 10 + s for s in (2, 3, 4)]
+        assert slot_codes(keys, 2)[3:] == [100 * layer + 24]
+        assert slot_codes(values, 0) == [-(100 * layer + s) for s in (0, 2, 3, 4)]
+
+
+def test_compact_removes_padding_slots_without_drop():
+    cache = numbered_cache()
+    valid = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+
+    new_valid = compact(cache, valid, torch.zeros_like(valid))
+
+    assert cache.get_seq_length() == 4
+    assert new_valid.sum(-1).tolist() == [3, 4, 2]
+    assert slot_codes(cache.layers[0].keys, 1) == [11, 12, 13, 14]
+
+
+def test_cache_bytes_counts_all_key_and_value_tensors():
+    cache = numbered_cache()
+    expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert cache_bytes(cache) == expected
+    assert cache_bytes(cache) == LAYERS * 2 * BATCH * HEADS * SLOTS * HEAD_DIM * 4
+
+
+def test_valid_bytes_counts_valid_slots_per_row():
+    cache = numbered_cache()
+    valid = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    per_slot = LAYERS * 2 * HEADS * HEAD_DIM * 4
+    assert valid_bytes(cache, valid).tolist() == [5 * per_slot, 3 * per_slot, 1 * per_slot]
+    assert int(valid_bytes(cache, torch.ones(BATCH, SLOTS, dtype=torch.bool)).sum()) == cache_bytes(cache)
+
+
+def test_step_drop_mask_drops_step_of_selected_rows():
+    P, M, S, E = SlotRoles.PROMPT, SlotRoles.MEMORY, SlotRoles.STEP, SlotRoles.EMPTY
+    roles = SlotRoles(torch.tensor([[P, P, M, S, S], [E, P, P, S, M]], dtype=torch.int8))
+    both = torch.tensor([True, True])
+
+    assert step_drop_mask(roles, both).int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]]
+    assert step_drop_mask(roles, torch.tensor([False, True])).int().tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 0]]
+    assert step_drop_mask(roles, both, keep_prompt=False).int().tolist() == [[0, 1, 0, 1, 1], [0, 0, 1, 1, 0]]
+
+
+def test_slot_roles_follow_compaction():
+    P, M, S, E = SlotRoles.PROMPT, SlotRoles.MEMORY, SlotRoles.STEP, SlotRoles.EMPTY
+    cache = numbered_cache()
+    roles = SlotRoles(torch.tensor([[P, S, S, S, M], [E, E, P, S, S], [P, P, S, M, S]], dtype=torch.int8))
+    compressing = torch.tensor([True, False, True])
+
+    roles.compact(cache, step_drop_mask(roles, compressing))
+
+    assert roles.roles.tolist() == [[E, P, M], [P, S, S], [P, P, M]]
+    assert slot_codes(cache.layers[0].keys, 0)[1:] == [0, 4]
+    assert slot_codes(cache.layers[0].keys, 1) == [12, 13, 14]
+    assert slot_codes(cache.layers[0].keys, 2) == [20, 21, 23]
