@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "annotate",
     "train-compressor",
     "score",
+    "verify",
+    "train-classifier", "eval-classifier",
 )
 
 

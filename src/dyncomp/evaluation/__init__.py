@@ -1,0 +1,1 @@
+"""Evaluation: teacher-forced retention, and (later) accuracy, memory and speed of generation."""

@@ -1,0 +1,1 @@
+"""Training of the compressor (conditional LoRA) and its sequence encoding."""
