@@ -1,0 +1,1 @@
+"""Batched decoding with per-sequence compression."""

@@ -1,0 +1,157 @@
+"""The decoding engine: invariants 2 (no compression changes nothing), 3 (batching changes
+nothing) and 5 (memory is counted, not estimated)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from dyncomp.compression.lora import CompressorConfig, attach_conditional_lora
+from dyncomp.compression.verify import randomize_adapter
+from dyncomp.generation.engine import CompressingEngine, DecodingConfig
+from dyncomp.models.tokens import register_comp_tokens
+from dyncomp.policies import make_policy
+
+PROMPTS = [
+    "Tom has 3 apples.",
+    "A train leaves the station at 9 and travels 60 miles per hour for 2 hours. How far does it go?",
+    "Add 12 and 30.",
+    "Sara buys 4 pens at 2 dollars each and a book for 7 dollars; what does she pay?",
+    "What is 5 times 6?",
+    "Count from one to ten.",
+    "The answer is",
+    "Mia read 20 pages on Monday and twice as many on Tuesday. How many pages did she read in total?",
+]
+
+
+@pytest.fixture
+def plain_model(packaged_tokenizer, tiny_family):
+    model = make_tiny_model(tiny_family, vocab_size=len(packaged_tokenizer), seed=3)
+    return model, packaged_tokenizer
+
+
+@pytest.fixture
+def compressing_model(packaged_tokenizer):
+    """A tiny Llama with one `<COMP>` and a randomized conditional LoRA, so compression matters."""
+    model = make_tiny_model("llama", vocab_size=len(packaged_tokenizer), seed=5)
+    comp = register_comp_tokens(model, packaged_tokenizer, 1)
+    peft_model = attach_conditional_lora(model, comp, CompressorConfig(k=1))
+    randomize_adapter(peft_model, scale=0.05)
+    peft_model.eval()
+    return peft_model, packaged_tokenizer, comp
+
+
+def hf_generate(model, tokenizer, prompts, max_new_tokens):
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None, top_k=None, top_p=None, temperature=None,
+        )
+    return [row[encoded["input_ids"].shape[1]:].tolist() for row in output]
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_none_policy_matches_hf_generate(plain_model, batch_size):
+    model, tokenizer = plain_model
+    prompts = PROMPTS[:batch_size]
+    engine = CompressingEngine(model, tokenizer, comp=None)
+    engine.eos_ids = set()  # the random model's EOS is arbitrary; compare full-length outputs
+    results = engine.generate(prompts, make_policy("none"), DecodingConfig(max_new_tokens=12))
+    expected = hf_generate(model, tokenizer, prompts, 12)
+    for result, tokens in zip(results, expected):
+        assert result.token_ids == tokens
+
+
+@pytest.mark.parametrize("method", ["interval:5", "newline", "interval:9"])
+def test_batching_keeps_tokens_and_comp_points(compressing_model, method):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    engine.eos_ids = set()
+    config = DecodingConfig(max_new_tokens=24)
+    together = engine.generate(PROMPTS, make_policy(method, min_step_tokens=2), config)
+    for prompt, batched in zip(PROMPTS, together):
+        alone = engine.generate([prompt], make_policy(method, min_step_tokens=2), config)[0]
+        assert batched.token_ids == alone.token_ids
+        assert batched.comp_after == alone.comp_after
+        assert batched.kv_bytes_peak == alone.kv_bytes_peak
+
+
+def test_interval_policy_compresses_on_schedule(compressing_model):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    engine.eos_ids = set()
+    result = engine.generate([PROMPTS[1]], make_policy("interval:5", min_step_tokens=1), DecodingConfig(max_new_tokens=22))[0]
+    assert result.comp_after == [5, 10, 15, 20]
+    assert result.n_comp == 4
+    assert result.n_generated == 22
+    assert result.text.count("<COMP>") == 4
+
+
+def test_compression_shrinks_peak_memory(compressing_model):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    engine.eos_ids = set()
+    config = DecodingConfig(max_new_tokens=40)
+    none = engine.generate([PROMPTS[0]], make_policy("none"), config)[0]
+    compressed = engine.generate([PROMPTS[0]], make_policy("interval:8", min_step_tokens=1), config)[0]
+    assert compressed.kv_bytes_peak < none.kv_bytes_peak
+    assert compressed.kv_bytes_full == none.kv_bytes_full
+    assert none.kv_bytes_peak == none.kv_bytes_full == none.kv_bytes_final
+    assert compressed.dependency < none.dependency
+
+
+@pytest.mark.parametrize("keep_prompt", [True, False])
+def test_memory_counted_from_cache_tensors(compressing_model, keep_prompt):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp, trace_memory=True)
+    engine.eos_ids = set()
+    config = DecodingConfig(max_new_tokens=30, keep_prompt=keep_prompt)
+    result = engine.generate([PROMPTS[1]], make_policy("interval:6", min_step_tokens=1), config)[0]
+    trace = engine.last_stats.memory_trace
+    assert trace
+    # Batch 1 has no padding slots, so the row's count is exactly the cache's tensor bytes.
+    for row_bytes, tensor_bytes in trace:
+        assert row_bytes[0] == tensor_bytes
+    assert result.kv_bytes_peak == max(row[0] for row, _ in trace)
+    assert result.kv_bytes_final <= result.kv_bytes_peak
+
+
+def test_batch_memory_never_exceeds_cache(compressing_model):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp, trace_memory=True)
+    engine.eos_ids = set()
+    engine.generate(PROMPTS, make_policy("interval:7", min_step_tokens=1), DecodingConfig(max_new_tokens=20))
+    for row_bytes, tensor_bytes in engine.last_stats.memory_trace:
+        assert sum(row_bytes) <= tensor_bytes
+
+
+def test_drop_prompt_reduces_memory(compressing_model):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    engine.eos_ids = set()
+    kept = engine.generate([PROMPTS[1]], make_policy("interval:6", min_step_tokens=1), DecodingConfig(max_new_tokens=20))[0]
+    dropped = engine.generate([PROMPTS[1]], make_policy("interval:6", min_step_tokens=1), DecodingConfig(max_new_tokens=20, keep_prompt=False))[0]
+    assert dropped.kv_bytes_final < kept.kv_bytes_final
+
+
+def test_sampling_is_seeded(compressing_model):
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    engine.eos_ids = set()
+    config = DecodingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    first = engine.generate(PROMPTS[:2], make_policy("interval:4", min_step_tokens=1), config)
+    second = engine.generate(PROMPTS[:2], make_policy("interval:4", min_step_tokens=1), config)
+    assert [r.token_ids for r in first] == [r.token_ids for r in second]
+
+
+def test_stop_string_ends_row(plain_model):
+    model, tokenizer = plain_model
+    engine = CompressingEngine(model, tokenizer, comp=None)
+    engine.eos_ids = set()
+    free = engine.generate([PROMPTS[0]], make_policy("none"), DecodingConfig(max_new_tokens=10))[0]
+    stop = tokenizer.decode(free.token_ids[3:5])
+    stopped = engine.generate([PROMPTS[0]], make_policy("none"), DecodingConfig(max_new_tokens=10, stop_strings=(stop,)))[0]
+    assert stopped.stop_reason == "stop"
+    assert stopped.n_generated <= 5
