@@ -50,7 +50,7 @@ def load_compressed_model(
         metadata = Path(compressor) / "dyncomp_compressor.json"
         saved_k = k
         if metadata.is_file():
-            saved_k = len(json.loads(metadata.read_text())["comp_tokens"]["ids"])
+            saved_k = len(json.loads(metadata.read_text())["record"]["comp_tokens"]["ids"])
         comp = register_comp_tokens(model, tokenizer, saved_k)
         peft_model, config = load_compressor(model, tokenizer, comp, source, compressor)
     peft_model.eval()

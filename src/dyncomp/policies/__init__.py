@@ -5,6 +5,8 @@ To add a policy: write a `Policy` subclass in its own file and add it to `REGIST
 
 from __future__ import annotations
 
+import inspect
+
 from dyncomp.errors import UserError
 from dyncomp.policies.base import DecodeState, Policy
 from dyncomp.policies.classifier import ClassifierPolicy
@@ -34,10 +36,13 @@ def make_policy(method: str, min_step_tokens: int = 8, **context) -> Policy:
     if name not in REGISTRY:
         raise UserError(f"unknown method '{method}'; known methods: {', '.join(sorted(REGISTRY))} (e.g. interval:32)")
     cls = REGISTRY[name]
+    # Context goes only to the policies that take it, so one call site can build any method.
+    accepted = inspect.signature(cls.__init__).parameters
+    context = {key: value for key, value in context.items() if key in accepted}
     if name not in _TAKES_ARGUMENT:
         if argument:
             raise UserError(f"method '{name}' takes no argument, got '{method}'")
-        return cls(min_step_tokens=min_step_tokens)
+        return cls(min_step_tokens=min_step_tokens, **context)
     return cls(argument or None, min_step_tokens=min_step_tokens, **context)
 
 

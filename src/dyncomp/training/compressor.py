@@ -96,8 +96,11 @@ class SequenceCollator:
         return batch
 
 
-def compressed_forward(model, batch: dict[str, torch.Tensor], comp_ids, mode: str, keep_prompt: bool):
-    """Run one parallel forward pass under the compression mask with logical positions."""
+def compressed_forward(model, batch: dict[str, torch.Tensor], comp_ids, mode: str, keep_prompt: bool, **model_kwargs):
+    """Run one parallel forward pass under the compression mask with logical positions.
+
+    `model_kwargs` go to the model's forward, e.g. `logits_to_keep=1` when only hidden states are read.
+    """
     from dyncomp.compression.masks import build_compression_mask, logical_position_ids
 
     dtype = next(model.parameters()).dtype
@@ -106,7 +109,7 @@ def compressed_forward(model, batch: dict[str, torch.Tensor], comp_ids, mode: st
         mode=mode, keep_prompt=keep_prompt, dtype=dtype,
     )
     position_ids = logical_position_ids(batch["attention_mask"])
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False, **model_kwargs)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,6 @@ def _training_arguments(config: TrainCompressorConfig, output_dir: Path, on_cuda
         report_to=config.report_to,
         remove_unused_columns=False,
         bf16=on_cuda and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=on_cuda,
         use_cpu=not on_cuda,
         dataloader_num_workers=0,
         prediction_loss_only=True,
@@ -181,7 +183,10 @@ def _training_arguments(config: TrainCompressorConfig, output_dir: Path, on_cuda
     elif "group_by_length" in names:
         options["group_by_length"] = True
     if on_cuda:
-        options["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        # transformers 5.25 renamed gradient checkpointing to activation checkpointing.
+        prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        options[prefix] = True
+        options[f"{prefix}_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(**options)
 
 
