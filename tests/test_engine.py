@@ -155,3 +155,22 @@ def test_stop_string_ends_row(plain_model):
     stopped = engine.generate([PROMPTS[0]], make_policy("none"), DecodingConfig(max_new_tokens=10, stop_strings=(stop,)))[0]
     assert stopped.stop_reason == "stop"
     assert stopped.n_generated <= 5
+
+
+def test_forced_tokens_match_teacher_forced_walk(compressing_model):
+    from dyncomp.evaluation.retention import teacher_forced_boundaries
+    from dyncomp.training.encoding import Reasoning
+
+    model, tokenizer, comp = compressing_model
+    engine = CompressingEngine(model, tokenizer, comp)
+    prompt = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    reasoning_ids = tokenizer("First 3 * 5 = 15.\nThen 24 - 15 = 9.\nSo the answer is 9.\n#### 9", add_special_tokens=False)["input_ids"]
+    policy = make_policy("newline", min_step_tokens=2)
+    policy.prepare(tokenizer)
+
+    result = engine.generate([prompt], policy, forced=[reasoning_ids])[0]
+    walk = teacher_forced_boundaries(policy, Reasoning("r", prompt, reasoning_ids, []))
+
+    assert [t for t in result.token_ids if t not in comp.ids] == reasoning_ids
+    assert [after - 1 for after in result.comp_after] == [b for b in walk if b < len(reasoning_ids) - 1]
+    assert result.n_comp >= 2

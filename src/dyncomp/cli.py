@@ -16,7 +16,11 @@ COMMAND_MODULES = (
     "train-compressor",
     "score",
     "verify",
-    "train-classifier", "eval-classifier",
+    "train-classifier",
+    "eval-classifier",
+    "eval",
+    "eval-merge",
+    "pipeline",
 )
 
 

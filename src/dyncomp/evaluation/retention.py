@@ -22,18 +22,16 @@ from dyncomp.training.encoding import IGNORE_INDEX, Reasoning, insert_comp, pad_
 logger = logging.getLogger(__name__)
 
 
-def teacher_forced_boundaries(method: str, reasoning: Reasoning, tokenizer, min_step_tokens: int = 8) -> list[int]:
-    """Return the reasoning-token indices after which `method` would insert `<COMP>`.
+def teacher_forced_boundaries(policy, reasoning: Reasoning) -> list[int]:
+    """Return the reasoning-token indices after which a prepared policy would insert `<COMP>`.
 
     The policy sees the reasoning one token at a time, as in generation; `oracle` takes the
-    annotated boundaries as they are.
+    annotated boundaries as they are. Policies that read hidden states go through `engine_boundaries`.
     """
-    policy = make_policy(method, min_step_tokens=min_step_tokens)
     if policy.name == "oracle":
         return list(reasoning.oracle_boundaries)
     if policy.needs_hidden:
-        raise ValueError(f"method '{method}' needs hidden states; score it with the classifier tools")
-    policy.prepare(tokenizer)
+        raise ValueError(f"method '{policy.spec()}' reads hidden states; use engine_boundaries")
 
     boundaries = []
     step_length = 0
@@ -43,6 +41,25 @@ def teacher_forced_boundaries(method: str, reasoning: Reasoning, tokenizer, min_
         if bool(policy.should_compress(state)[0]):
             boundaries.append(index)
             step_length = 0
+    return boundaries
+
+
+def engine_boundaries(model, tokenizer, comp: CompTokens, reasonings: list[Reasoning], policy, keep_prompt: bool, batch_size: int) -> list[list[int]]:
+    """Find where a policy that reads hidden states compresses, by teacher-forced compressed decoding.
+
+    The hidden state at each token depends on the compressions before it, so the reasoning is
+    fed through the decoding engine with its tokens forced, exactly as generation would see it.
+    """
+    from dyncomp.generation.engine import CompressingEngine, DecodingConfig
+
+    engine = CompressingEngine(model, tokenizer, comp)
+    config = DecodingConfig(keep_prompt=keep_prompt)
+    boundaries = []
+    for start in tqdm(range(0, len(reasonings), batch_size), desc=f"boundaries {policy.spec()}", leave=False):
+        chunk = reasonings[start : start + batch_size]
+        results = engine.generate([r.prompt_ids for r in chunk], policy, config, forced=[r.reasoning_ids for r in chunk])
+        # comp_after counts the tokens before a compression; the boundary is the last of them.
+        boundaries.extend([[after - 1 for after in result.comp_after] for result in results])
     return boundaries
 
 
@@ -77,16 +94,27 @@ def score_methods(
     keep_prompt: bool = True,
     batch_size: int = 4,
     min_step_tokens: int = 8,
+    policy_context: dict | None = None,
 ) -> dict[str, dict]:
-    """Score each method on the reasonings; returns {method: metrics} with `nll_ratio` against `none`."""
+    """Score each method on the reasonings; returns {method: metrics} with `nll_ratio` against `none`.
+
+    `policy_context` carries what some policies need, e.g. `{"classifier": TrainedClassifier}`.
+    """
     device = next(model.parameters()).device
     results: dict[str, dict] = {}
     for method in ["none"] + [m for m in methods if m != "none"]:
         totals = RetentionTotals()
-        sequences = []
-        for reasoning in reasonings:
-            boundaries = [] if method == "none" else teacher_forced_boundaries(method, reasoning, tokenizer, min_step_tokens)
-            sequences.append(insert_comp(reasoning, boundaries, None if method == "none" else comp))
+        policy = make_policy(method, min_step_tokens=min_step_tokens, **(policy_context or {}))
+        if policy.needs_hidden:
+            all_boundaries = engine_boundaries(model, tokenizer, comp, reasonings, policy, keep_prompt, batch_size)
+        else:
+            if not policy.teacher_forced_only:
+                policy.prepare(tokenizer)
+            all_boundaries = [teacher_forced_boundaries(policy, r) for r in reasonings]
+        sequences = [
+            insert_comp(reasoning, boundaries, None if method == "none" else comp)
+            for reasoning, boundaries in zip(reasonings, all_boundaries)
+        ]
 
         for start in tqdm(range(0, len(sequences), batch_size), desc=f"score {method}", leave=False):
             chunk = sequences[start : start + batch_size]

@@ -14,6 +14,7 @@ exactly as in training, where the token after a `<COMP>` group is predicted from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from dyncomp.classifier.features import FinalNormCapture
 from dyncomp.compression.cache import SlotRoles, cache_argument_name, cache_bytes, step_drop_mask
 from dyncomp.models.tokens import CompTokens
 from dyncomp.policies.base import DecodeState, Policy
@@ -81,36 +83,6 @@ class BatchStats:
     """With `trace_memory`, per forward pass: each row's counted bytes and the cache's tensor bytes."""
 
 
-def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if norm is None:
-        raise ValueError(f"cannot find the final norm of {type(model).__name__}; learned policies need it")
-    return norm
-
-
-@contextlib.contextmanager
-def capture_final_norm(model: torch.nn.Module, enabled: bool):
-    """Keep the final-norm output of each forward pass in `box[0]` (batch, seq, hidden).
-
-    The hidden state a classifier reads is a by-product of the pass that predicts the next
-    token, so it costs nothing extra; asking for every layer's hidden states would.
-    """
-    box: list[torch.Tensor | None] = [None]
-    if not enabled:
-        yield box
-        return
-
-    def hook(module, args, output):
-        box[0] = output
-
-    handle = _final_norm(model).register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
-
-
 def _select_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Choose each row's next token from its last logits (batch, vocab) -> (batch,)."""
     if config.temperature <= 0:
@@ -149,12 +121,17 @@ class CompressingEngine:
     @torch.inference_mode()
     def generate(
         self,
-        prompts: list[str],
+        prompts: list[str] | list[list[int]],
         policy: Policy,
         config: DecodingConfig | None = None,
         on_token: Callable[[int, int, bool], None] | None = None,
+        forced: list[list[int]] | None = None,
     ) -> list[SequenceResult]:
-        """Decode every prompt to completion; `on_token(row, token_id, is_comp)` streams output."""
+        """Decode every prompt to completion; `on_token(row, token_id, is_comp)` streams output.
+
+        With `forced`, row i feeds the tokens `forced[i]` instead of sampling (teacher forcing),
+        while its policy still decides where to compress; the row ends after its last forced token.
+        """
         from transformers import DynamicCache
 
         config = config or DecodingConfig()
@@ -167,23 +144,28 @@ class CompressingEngine:
         stats = BatchStats()
         started = time.perf_counter()
 
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if prompts and not isinstance(prompts[0], str):
+            encoded = self.tokenizer.pad({"input_ids": [list(p) for p in prompts]}, return_tensors="pt").to(self.device)
+        else:
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         attention = encoded["attention_mask"].bool()  # (batch, prompt_len)
         cache = DynamicCache()
         roles = SlotRoles(torch.where(attention, SlotRoles.PROMPT, SlotRoles.EMPTY).to(torch.int8))
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
 
-        with capture_final_norm(self.model, policy.needs_hidden) as hidden_box:
+        # The hidden state a classifier reads is a by-product of the pass that predicts the next token.
+        capture = FinalNormCapture(self.model) if policy.needs_hidden else None
+        with capture if capture is not None else contextlib.nullcontext():
             output = self._forward(cache, input_ids=encoded["input_ids"], attention_mask=attention.long(), position_ids=positions, logits_to_keep=1)
             stats.prefill_seconds = time.perf_counter() - started
             stats.forward_passes += 1
-            results = self._decode(cache, roles, output, hidden_box, attention, policy, config, generator, on_token, stats)
+            results = self._decode(cache, roles, output, capture, attention, policy, config, generator, on_token, stats, forced)
 
         stats.decode_seconds = time.perf_counter() - started - stats.prefill_seconds
         self.last_stats = stats
         return results
 
-    def _decode(self, cache, roles, output, hidden_box, attention, policy, config, generator, on_token, stats):
+    def _decode(self, cache, roles, output, capture, attention, policy, config, generator, on_token, stats, forced):
         batch = attention.shape[0]
         device = self.device
         k = self.comp.k if self.comp is not None else 0
@@ -199,10 +181,19 @@ class CompressingEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         bytes_per_slot = None
         logits = output.logits[:, -1]  # (batch, vocab)
+        forced_ids = forced_lengths = None
+        if forced is not None:
+            forced_lengths = torch.tensor([len(row) for row in forced], device=device)
+            width = max(int(forced_lengths.max()), 1)
+            forced_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in forced], device=device)  # (batch, width)
+            config = dataclasses.replace(config, max_new_tokens=width, ignore_eos=True, stop_strings=())
 
         while True:
             feeding_comp = comp_pending > 0
-            sampled = _select_tokens(logits, config, generator)
+            if forced_ids is None:
+                sampled = _select_tokens(logits, config, generator)
+            else:
+                sampled = forced_ids.gather(1, generated.clamp(max=forced_ids.shape[1] - 1)[:, None]).squeeze(1)
             comp_token = comp_ids[(k - comp_pending).clamp(min=0, max=max(k - 1, 0))]
             tokens = torch.where(feeding_comp, comp_token, sampled)
             emits = ~finished & ~feeding_comp
@@ -211,7 +202,8 @@ class CompressingEngine:
 
             hit_eos = emits & torch.isin(sampled, eos_ids) if not config.ignore_eos else torch.zeros_like(emits)
             hit_stop = self._stop_string_hits(results, emits, config)
-            hit_length = emits & (generated >= config.max_new_tokens)
+            limit = forced_lengths if forced_lengths is not None else config.max_new_tokens
+            hit_length = emits & (generated >= limit)
             newly_done = hit_eos | hit_stop | hit_length
             for row in newly_done.nonzero().flatten().tolist():
                 results[row].stop_reason = "eos" if hit_eos[row] else ("stop" if hit_stop[row] else "length")
@@ -243,11 +235,11 @@ class CompressingEngine:
                 roles.compact(cache, step_drop_mask(roles, group_done, config.keep_prompt))
 
             step_lengths = torch.where(feeding_comp, torch.zeros_like(step_lengths), step_lengths + fed.long())
-            hidden = hidden_box[0][:, -1] if hidden_box[0] is not None else None  # (batch, hidden)
+            hidden = capture.output[:, -1] if capture is not None else None  # (batch, hidden)
             policy_started = time.perf_counter()
             decide = policy.should_compress(DecodeState(last_tokens=tokens, step_lengths=step_lengths, hidden=hidden))
             stats.policy_seconds += time.perf_counter() - policy_started
-            start_group = decide & fed & ~feeding_comp & (generated < config.max_new_tokens)
+            start_group = decide & fed & ~feeding_comp & (generated < limit)
             comp_pending = torch.where(start_group, torch.full_like(comp_pending, k), comp_pending)
             logits = output.logits[:, -1]
 

@@ -18,9 +18,13 @@ class NewlinePolicy(Policy):
 
     def prepare(self, tokenizer, device="cpu") -> None:
         # One lookup table over the vocabulary, so deciding is a gather rather than a decode per row.
-        pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        # Decoding the whole vocabulary takes about a second, so the table is kept on the tokenizer.
         wanted = "\n\n" if self.blank_line_only else "\n"
-        self._table = torch.tensor([wanted in piece for piece in pieces], dtype=torch.bool, device=device)
+        tables = tokenizer.__dict__.setdefault("_dyncomp_newline_tables", {})
+        if (wanted, len(tokenizer)) not in tables:
+            pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            tables[(wanted, len(tokenizer))] = torch.tensor([wanted in piece for piece in pieces], dtype=torch.bool)
+        self._table = tables[(wanted, len(tokenizer))].to(device)
 
     def decide(self, state: DecodeState) -> torch.Tensor:
         assert self._table is not None, "prepare() must run before decide()"
