@@ -14,7 +14,8 @@ class ClassifierPolicy(Policy):
     """Score the final-norm hidden state of every row with the probe, in one call for the whole batch.
 
     `classifier` is a `TrainedClassifier` or the folder of one. Without an argument, τ is the
-    value chosen on validation data when the classifier was trained.
+    value chosen on validation data when the classifier was trained. The policy has no access to
+    the model, so the caller checks the pair with `TrainedClassifier.check_model` and `check_compressor`.
     """
 
     name = "classifier"
