@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 
@@ -84,3 +86,29 @@ def shared_data() -> Path:
     if not ANNOTATED.is_file():
         pytest.skip(f"shared data not found at {DATA_DIR}")
     return DATA_DIR
+
+
+@pytest.fixture
+def tiny_run(tmp_path, packaged_tokenizer):
+    """A tiny model folder, a randomized compressor for it, and a 6-problem GSM8K file."""
+    from dyncomp.compression.lora import CompressorConfig, attach_conditional_lora, save_compressor
+    from dyncomp.compression.verify import randomize_adapter
+    from dyncomp.models.loading import load_model
+    from dyncomp.models.tokens import register_comp_tokens, token_record
+
+    model_dir = tmp_path / "tiny-model"
+    make_tiny_model("llama", vocab_size=len(packaged_tokenizer), seed=11).save_pretrained(model_dir)
+    packaged_tokenizer.save_pretrained(model_dir)
+
+    loaded = load_model(str(model_dir), device="cpu")
+    comp = register_comp_tokens(loaded.model, loaded.tokenizer, 1)
+    record = token_record(loaded.model, loaded.tokenizer, comp, str(model_dir))
+    peft_model = attach_conditional_lora(loaded.model, comp, CompressorConfig())
+    randomize_adapter(peft_model, scale=0.05)
+    compressor_dir = tmp_path / "compressor"
+    save_compressor(peft_model, compressor_dir, record, CompressorConfig())
+
+    data = tmp_path / "gsm8k.jsonl"
+    problems = [{"question": f"Tom has {n} apples and buys {n + 1} more. How many apples?", "answer": f"{n} + {n + 1} = {2 * n + 1}\n#### {2 * n + 1}"} for n in range(6)]
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    return {"model": str(model_dir), "compressor": str(compressor_dir), "data": str(data), "out": tmp_path / "eval"}

@@ -1,4 +1,4 @@
-"""`dyncomp generate`: stream a model's reasoning for one question."""
+"""`dyncomp generate`: stream a model's reasoning for one question, compressing as it goes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from dyncomp.commands.common import add_model_options
+from dyncomp.generation.engine import DecodingConfig
+
+DEFAULTS = DecodingConfig()
 
 
 def add_parser(subparsers) -> None:
@@ -14,20 +17,47 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", default=None, help="a GSM8K .jsonl or .json file to take the question from")
     parser.add_argument("--index", type=int, default=0, help="which problem of --data to answer (0-based)")
     add_model_options(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many generated tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--compressor", default=None, help="trained compressor folder; needed by every method but none")
+    parser.add_argument("--classifier", default=None, help="trained classifier folder, for --method classifier")
+    parser.add_argument("--method", default="none", help="when to compress: none, newline, interval:N, classifier, classifier:τ")
+    parser.add_argument("--min-step-tokens", type=int, default=8, help="shortest step a policy may compress")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="stop after this many generated tokens")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature, help="sampling temperature; 0 decodes greedily")
+    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed for sampling")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import TextStreamer
+class _Streamer:
+    """Print each row-0 token as it arrives, and the cache size at every compression."""
 
+    def __init__(self, engine, tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.segment: list[int] = []
+        self.printed = 0
+
+    def __call__(self, row: int, token: int, is_comp: bool) -> None:
+        if is_comp:
+            kib = self.engine.current_row_bytes[0] / 1024 if self.engine.current_row_bytes else 0.0
+            sys.stdout.write(f" <COMP kv={kib:.0f}KiB>")
+            self.segment, self.printed = [], 0
+        else:
+            self.segment.append(token)
+            text = self.tokenizer.decode(self.segment, skip_special_tokens=True)
+            # A multi-byte character can end mid-token; wait until it decodes whole.
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[self.printed :])
+                self.printed = len(text)
+        sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
     from dyncomp.data.gsm8k import extract_answer, is_correct, load_gsm8k
     from dyncomp.errors import UserError
-    from dyncomp.models import load_model
+    from dyncomp.evaluation.harness import EvalConfig, load_for_methods
+    from dyncomp.generation.engine import CompressingEngine
+    from dyncomp.policies import make_policy
     from dyncomp.prompting import format_prompt
 
     gold = None
@@ -44,27 +74,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer, model = loaded.tokenizer, loaded.model
-    prompt = format_prompt(tokenizer, question)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    load_config = EvalConfig(model=args.model, compressor=args.compressor, classifier=args.classifier, device=args.device, dtype=args.dtype)
+    model, tokenizer, comp, keep_prompt, context = load_for_methods(load_config, [args.method])
+    policy = make_policy(args.method, min_step_tokens=args.min_step_tokens, **context)
+    engine = CompressingEngine(model, tokenizer, comp)
+    decoding = DecodingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, keep_prompt=keep_prompt,
+    )
+    result = engine.generate([format_prompt(tokenizer, question)], policy, decoding, on_token=_Streamer(engine, tokenizer))[0]
 
-    torch.manual_seed(args.seed)
-    sampling = args.temperature > 0
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=sampling,
-            temperature=args.temperature if sampling else None,
-            top_p=args.top_p if sampling else None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
-    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    generated = output.shape[1] - inputs["input_ids"].shape[1]
-    verdict = "" if gold is None else f"; gold {gold}, {'correct' if is_correct(text, gold) else 'wrong'}"
-    print(f"\n[{generated} tokens; extracted answer: {extract_answer(text)}{verdict}]", file=sys.stderr)
+    verdict = "" if gold is None else f", gold {gold}: {'correct' if is_correct(result.text, gold) else 'wrong'}"
+    print(
+        f"\n[{result.n_generated} tokens, {result.n_comp} compressions, KV peak {result.kv_bytes_peak / 2**20:.2f} MiB "
+        f"of {result.kv_bytes_full / 2**20:.2f} MiB uncompressed; answer {extract_answer(result.text)}{verdict}]",
+        file=sys.stderr,
+    )
     return 0

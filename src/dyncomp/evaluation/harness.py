@@ -93,7 +93,7 @@ def run_identity(config: EvalConfig) -> dict:
     }
 
 
-def _load(config: EvalConfig, methods: list[str]):
+def load_for_methods(config: EvalConfig, methods: list[str]):
     """Load the model (with compressor when one is given) and the classifier policies' context."""
     from dyncomp.models.compressed import load_compressed_model
     from dyncomp.models.loading import load_model
@@ -223,7 +223,7 @@ def run_eval(config: EvalConfig) -> dict:
     samples_path = out / SAMPLES_FILE
     repair_tail(samples_path)
 
-    model, tokenizer, comp, keep_prompt, context = _load(config, methods)
+    model, tokenizer, comp, keep_prompt, context = load_for_methods(config, methods)
     policies = {m: make_policy(m, min_step_tokens=config.min_step_tokens, **context) for m in methods}
     for method, policy in policies.items():
         if policy.teacher_forced_only:

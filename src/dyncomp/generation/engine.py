@@ -113,6 +113,8 @@ class CompressingEngine:
         if generation_eos is not None:
             self.eos_ids |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.last_stats = BatchStats()
+        self.current_row_bytes: list[int] = []
+        """Each row's key and value bytes after the latest forward pass, for streaming displays."""
 
     def _forward(self, cache, **inputs):
         inputs[self.cache_argument] = cache
@@ -276,6 +278,7 @@ class CompressingEngine:
     def _count_memory(self, results, roles, fed, bytes_per_slot: int, stats, cache) -> None:
         # Counted from the slots each row really holds, not from token counts.
         row_bytes = (roles.valid.sum(-1) * bytes_per_slot).tolist()
+        self.current_row_bytes = row_bytes
         stats.physical_peak_bytes = max(stats.physical_peak_bytes, roles.roles.shape[1] * bytes_per_slot)
         if self.trace_memory:
             stats.memory_trace.append((row_bytes, cache_bytes(cache)))
