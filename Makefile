@@ -1,7 +1,6 @@
 # Two entry points: `make run` (the main job on the packaged model) and `make test`.
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data
 STAMP := $(VENV)/.dyncomp-installed
 
 .PHONY: setup run test
@@ -13,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup.sh
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/dyncomp generate --data $(DATA)/gsm8k/test.jsonl --index 0
+	$(BIN)/dyncomp pipeline --config configs/smollm2-gsm8k-smoke.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
