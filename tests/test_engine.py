@@ -174,3 +174,12 @@ def test_forced_tokens_match_teacher_forced_walk(compressing_model):
     assert [t for t in result.token_ids if t not in comp.ids] == reasoning_ids
     assert [after - 1 for after in result.comp_after] == [b for b in walk if b < len(reasoning_ids) - 1]
     assert result.n_comp >= 2
+
+
+def test_too_long_request_rejected(plain_model):
+    from dyncomp.errors import UserError
+
+    model, tokenizer = plain_model
+    engine = CompressingEngine(model, tokenizer, comp=None)
+    with pytest.raises(UserError, match="exceeds the model's 2048 positions"):
+        engine.generate([PROMPTS[0]], make_policy("none"), DecodingConfig(max_new_tokens=2100))

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "eval",
     "eval-merge",
     "pipeline",
+    "bench",
 )
 
 

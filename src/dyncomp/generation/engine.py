@@ -24,6 +24,7 @@ import torch
 
 from dyncomp.classifier.features import FinalNormCapture
 from dyncomp.compression.cache import SlotRoles, cache_argument_name, cache_bytes, step_drop_mask
+from dyncomp.errors import UserError
 from dyncomp.models.tokens import CompTokens
 from dyncomp.policies.base import DecodeState, Policy
 
@@ -116,6 +117,15 @@ class CompressingEngine:
         self.current_row_bytes: list[int] = []
         """Each row's key and value bytes after the latest forward pass, for streaming displays."""
 
+    def _check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and prompt_tokens + new_tokens > limit:
+            raise UserError(
+                f"a prompt of {prompt_tokens} tokens plus {new_tokens} new tokens exceeds the model's {limit} positions; "
+                "lower --max-new-tokens or shorten the prompt"
+            )
+
     def _forward(self, cache, **inputs):
         inputs[self.cache_argument] = cache
         return self.model(use_cache=True, **inputs)
@@ -151,6 +161,7 @@ class CompressingEngine:
         else:
             encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         attention = encoded["attention_mask"].bool()  # (batch, prompt_len)
+        self._check_length(int(attention.sum(-1).max()), max(map(len, forced)) if forced else config.max_new_tokens)
         cache = DynamicCache()
         roles = SlotRoles(torch.where(attention, SlotRoles.PROMPT, SlotRoles.EMPTY).to(torch.int8))
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)

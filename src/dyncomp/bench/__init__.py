@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (`dyncomp bench`) and the reference-style decoder they compare against."""
