@@ -71,7 +71,7 @@ def test_eval_rejects_folder_of_other_configuration(tiny_run, capsys):
     assert main(eval_args(tiny_run, methods="none")) == 0
     assert main(eval_args(tiny_run, "--max-new-tokens", "9", methods="none")) == 2
     err = capsys.readouterr().err
-    assert "holds records of a different configuration" in err
+    assert "contains records of a different configuration" in err
     assert "max_new_tokens" in err
 
 

@@ -64,13 +64,13 @@ def test_train_refuses_to_overwrite(training_inputs, capsys):
     out = root / "compressor"
     assert main(train_args(model_dir, data, out, "--max-steps", "1")) == 0
     assert main(train_args(model_dir, data, out, "--max-steps", "1")) == 2
-    assert "already holds a trained compressor" in capsys.readouterr().err
+    assert "already contains a trained compressor" in capsys.readouterr().err
 
 
 def test_train_resume_without_checkpoint_exits_2(training_inputs, capsys):
     model_dir, data, root = training_inputs
     assert main(train_args(model_dir, data, root / "fresh", "--resume")) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    assert "contains no checkpoint" in capsys.readouterr().err
 
 
 def test_train_merge_mode_not_supported(training_inputs, capsys):

@@ -47,7 +47,10 @@ def reference_generate(model, tokenizer, comp, prompt: str, policy: Policy, max_
     emitted = 0
 
     while emitted < max_new_tokens:
-        token = int(output.logits[0, -1].argmax())
+        logits = output.logits[0, -1].clone()  # (vocab,)
+        if comp is not None:
+            logits[list(comp.ids)] = torch.finfo(logits.dtype).min
+        token = int(logits.argmax())
         generated.append(token)
         emitted += 1
         if not ignore_eos and token == tokenizer.eos_token_id:

@@ -216,7 +216,7 @@ def run_eval(config: EvalConfig) -> dict:
     problems = load_gsm8k(config.data, offset=config.offset, limit=config.limit)
     problems = problems[shard_index::shard_count]
     if not problems:
-        raise UserError(f"shard {config.shard} of {config.data} holds no problems; use fewer shards")
+        raise UserError(f"shard {config.shard} of {config.data} contains no problems; use fewer shards")
 
     out = Path(config.out)
     check_run_identity(out, run_identity(config))

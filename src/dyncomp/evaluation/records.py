@@ -53,7 +53,7 @@ def repair_tail(path: Path) -> None:
 def check_run_identity(out: Path, identity: dict) -> None:
     """Write `run.json` on a new run; on a rerun, reject an output folder made with other settings.
 
-    The identity holds everything that changes a sample's record (model, compressor, classifier,
+    The identity contains everything that changes a sample's record (model, compressor, classifier,
     data, decoding settings) and nothing that does not (batch size, device, methods list).
     """
     run_file = out / RUN_FILE
@@ -61,11 +61,11 @@ def check_run_identity(out: Path, identity: dict) -> None:
         try:
             saved = json.loads(run_file.read_text())
         except json.JSONDecodeError as error:
-            raise UserError(f"{run_file} is not valid JSON ({error.msg}); delete it only if {out} holds no records you need") from error
+            raise UserError(f"{run_file} is not valid JSON ({error.msg}); delete it only if {out} contains no records you need") from error
         differing = sorted(key for key in set(saved) | set(identity) if saved.get(key) != identity.get(key))
         if differing:
             shown = ", ".join(f"{key}: {saved.get(key)!r} there vs {identity.get(key)!r} now" for key in differing[:3])
-            raise UserError(f"{out} holds records of a different configuration ({shown}); choose another --out")
+            raise UserError(f"{out} contains records of a different configuration ({shown}); choose another --out")
         return
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(identity, indent=2))

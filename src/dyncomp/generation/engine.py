@@ -1,4 +1,4 @@
-"""Batched decoding in which each row compresses its own cache when its policy says so.
+"""Batched decoding in which each row compresses its own cache when its policy fires.
 
 Cache layout, per row: `[prompt | memory | current step]`, held in a `DynamicCache` whose
 tensors are `(batch, kv_heads, L, head_dim)`; `SlotRoles` marks each of the L slots as prompt,
@@ -47,7 +47,7 @@ class DecodingConfig:
 
 @dataclass
 class SequenceResult:
-    """What one row produced, with its memory and cost counted."""
+    """The output of one row, with its memory and cost counted."""
 
     token_ids: list[int] = field(default_factory=list)
     """Generated ids in order, `<COMP>` ids included."""
@@ -203,6 +203,9 @@ class CompressingEngine:
 
         while True:
             feeding_comp = comp_pending > 0
+            if self.comp is not None:
+                # Only a policy inserts <COMP>; the language-model head must not pick it as text.
+                logits = logits.index_fill(-1, comp_ids, torch.finfo(logits.dtype).min)
             if forced_ids is None:
                 sampled = _select_tokens(logits, config, generator)
             else:
@@ -219,7 +222,12 @@ class CompressingEngine:
             hit_length = emits & (generated >= limit)
             newly_done = hit_eos | hit_stop | hit_length
             for row in newly_done.nonzero().flatten().tolist():
-                results[row].stop_reason = "eos" if hit_eos[row] else ("stop" if hit_stop[row] else "length")
+                if hit_eos[row]:
+                    results[row].stop_reason = "eos"
+                elif hit_stop[row]:
+                    results[row].stop_reason = "stop"
+                else:
+                    results[row].stop_reason = "length"
             finished |= newly_done
             if bool(finished.all()):
                 break
@@ -299,7 +307,7 @@ class CompressingEngine:
     def _finish(self, results, bytes_per_slot: int, roles) -> None:
         final_bytes = (roles.valid.sum(-1) * bytes_per_slot).tolist()
         for row, result in enumerate(results):
-            # The last generated token is sampled but never fed, so it holds no slot.
+            # The last generated token is sampled but never fed, so it occupies no slot.
             result.kv_bytes_full = (result.prompt_tokens + max(result.n_generated - 1, 0)) * bytes_per_slot
             result.kv_bytes_final = int(final_bytes[row])
             result.kv_bytes_peak = max(result.kv_bytes_peak, result.prompt_tokens * bytes_per_slot)

@@ -203,9 +203,9 @@ def train_compressor(config: TrainCompressorConfig) -> dict:
     out = Path(config.out)
     checkpoints = out / "checkpoints"
     if (out / "dyncomp_compressor.json").is_file() and not config.resume:
-        raise UserError(f"{out} already holds a trained compressor; choose another --out or delete it")
+        raise UserError(f"{out} already contains a trained compressor; choose another --out or delete it")
     if config.resume and not checkpoints.is_dir():
-        raise UserError(f"--resume given but {checkpoints} holds no checkpoint; run without --resume to start")
+        raise UserError(f"--resume given but {checkpoints} contains no checkpoint; run without --resume to start")
 
     examples = load_annotated(config.data)
     train = split_annotated(examples, "train", seed=config.seed)
