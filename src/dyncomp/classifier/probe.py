@@ -10,6 +10,7 @@ from, the feature mode and the chosen threshold τ.
 from __future__ import annotations
 
 import json
+import os
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -168,16 +169,17 @@ class TrainedClassifier:
         actual = compressor_fingerprint(compressor)
         if (expected or {}).get("sha256") == (actual or {}).get("sha256"):
             return
-        trained_with = expected["path"] if expected else "an untrained adapter"
+        # The record's path is relative to the classifier folder (absolute in older records).
+        trained_with = str((Path(self.path) / expected["path"]).resolve()) if expected else "an untrained adapter"
         given = actual["path"] if actual else "an untrained adapter"
-        if expected and actual and Path(expected["path"]) == Path(actual["path"]):
+        if expected and actual and Path(trained_with) == Path(actual["path"]):
             raise UserError(
                 f"compressor {given} changed since classifier {self.path} was trained on its features; "
                 "retrain the classifier with this compressor"
             )
         raise UserError(
             f"classifier {self.path} was trained on features of compressor {trained_with}, not {given}; "
-            f"pass --compressor {expected['path'] if expected else '(none)'} or retrain the classifier"
+            f"pass --compressor {trained_with if expected else '(none)'} or retrain the classifier"
         )
 
 
@@ -189,7 +191,11 @@ def save_classifier(out: str | Path, probe: Probe, info: ClassifierInfo) -> Path
     out.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in probe.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    record = info.to_dict()
+    if record.get("compressor"):
+        # A path relative to the classifier keeps a committed pair of folders usable from any clone.
+        record["compressor"]["path"] = os.path.relpath(record["compressor"]["path"], out.resolve())
+    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("saved classifier (%s probe, tau %.2f) to %s", info.probe.kind, info.tau, out)
     return out
 

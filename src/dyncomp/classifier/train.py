@@ -385,7 +385,10 @@ def load_classifier_model(classifier: TrainedClassifier, device: str | None = No
     """Load the base model and compressor recorded in a classifier, and check that both still match it."""
     from dyncomp.models.compressed import load_compressed_model
 
-    compressor = classifier.info.compressor["path"] if classifier.info.compressor else None
+    compressor = None
+    if classifier.info.compressor:
+        # Saved relative to the classifier folder; older records hold an absolute path.
+        compressor = str((Path(classifier.path) / classifier.info.compressor["path"]).resolve())
     classifier.check_compressor(compressor)
     k = len(classifier.info.record["comp_tokens"]["ids"])
     loaded = load_compressed_model(classifier.info.base_model, compressor, device=device, dtype=dtype, k=k)
