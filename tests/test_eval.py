@@ -71,13 +71,21 @@ def test_eval_rejects_folder_of_other_configuration(tiny_run, capsys):
     assert main(eval_args(tiny_run, methods="none")) == 0
     assert main(eval_args(tiny_run, "--max-new-tokens", "9", methods="none")) == 2
     err = capsys.readouterr().err
-    assert "contains records of a different configuration" in err
+    assert "was written with a different configuration" in err
     assert "max_new_tokens" in err
 
 
 def test_eval_unknown_method_exits_2(tiny_run, capsys):
     assert main(eval_args(tiny_run, methods="none,sometimes")) == 2
     assert "unknown method 'sometimes'" in capsys.readouterr().err
+    # A rejected run must not claim the output folder for its settings.
+    assert not (tiny_run["out"] / "run.json").exists()
+
+
+def test_eval_oracle_rejected_before_loading(tiny_run, capsys):
+    tiny_run["model"] = "no-such-model"
+    assert main(eval_args(tiny_run, methods="oracle")) == 2
+    assert "works only teacher-forced" in capsys.readouterr().err
 
 
 def test_eval_compressing_method_needs_compressor(tiny_run, capsys):

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from dyncomp.errors import UserError
 
@@ -35,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dependencies(verbose: bool) -> None:
+    # PEFT 0.21 calls a method that transformers 5.25 deprecated; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    if not verbose:
+        from transformers.utils import logging as transformers_logging
+
+        # One "Loading weights" bar per model load hides dyncomp's own progress bars.
+        transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    _quiet_dependencies(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except UserError as error:

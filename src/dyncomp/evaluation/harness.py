@@ -19,7 +19,7 @@ from dyncomp.evaluation.metrics import summarize
 from dyncomp.evaluation.records import SAMPLES_FILE, append_records, check_run_identity, read_records, repair_tail
 from dyncomp.evaluation.report import format_table, plot_pareto
 from dyncomp.models.loading import DEFAULT_MODEL
-from dyncomp.policies import make_policy, parse_methods
+from dyncomp.policies import REGISTRY, check_method, make_policy, parse_methods
 
 logger = logging.getLogger(__name__)
 
@@ -218,16 +218,20 @@ def run_eval(config: EvalConfig) -> dict:
     if not problems:
         raise UserError(f"shard {config.shard} of {config.data} contains no problems; use fewer shards")
 
+    for method in methods:
+        check_method(method)
+        if REGISTRY[method.partition(":")[0]].teacher_forced_only:
+            raise UserError(f"method '{method}' works only teacher-forced (dyncomp score), not in eval")
     out = Path(config.out)
-    check_run_identity(out, run_identity(config))
-    samples_path = out / SAMPLES_FILE
-    repair_tail(samples_path)
+    identity = run_identity(config)
+    check_run_identity(out, identity, write=False)
 
     model, tokenizer, comp, keep_prompt, context = load_for_methods(config, methods)
     policies = {m: make_policy(m, min_step_tokens=config.min_step_tokens, **context) for m in methods}
-    for method, policy in policies.items():
-        if policy.teacher_forced_only:
-            raise UserError(f"method '{method}' works only teacher-forced (dyncomp score), not in eval")
+    # The folder is claimed only once every input has been checked, so a typo leaves nothing behind.
+    check_run_identity(out, identity)
+    samples_path = out / SAMPLES_FILE
+    repair_tail(samples_path)
     engine = CompressingEngine(model, tokenizer, comp)
     decoding = DecodingConfig(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,

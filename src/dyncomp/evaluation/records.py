@@ -50,8 +50,8 @@ def repair_tail(path: Path) -> None:
         path.write_bytes(data[:cut])
 
 
-def check_run_identity(out: Path, identity: dict) -> None:
-    """Write `run.json` on a new run; on a rerun, reject an output folder made with other settings.
+def check_run_identity(out: Path, identity: dict, write: bool = True) -> None:
+    """Reject an output folder made with other settings; with `write`, record the settings of a new run in `run.json`.
 
     The identity contains everything that changes a sample's record (model, compressor, classifier,
     data, decoding settings) and nothing that does not (batch size, device, methods list).
@@ -65,7 +65,9 @@ def check_run_identity(out: Path, identity: dict) -> None:
         differing = sorted(key for key in set(saved) | set(identity) if saved.get(key) != identity.get(key))
         if differing:
             shown = ", ".join(f"{key}: {saved.get(key)!r} there vs {identity.get(key)!r} now" for key in differing[:3])
-            raise UserError(f"{out} contains records of a different configuration ({shown}); choose another --out")
+            raise UserError(f"{out} was written with a different configuration ({shown}); choose another --out")
+        return
+    if not write:
         return
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(identity, indent=2))

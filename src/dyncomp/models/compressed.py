@@ -54,4 +54,20 @@ def load_compressed_model(
         comp = register_comp_tokens(model, tokenizer, saved_k)
         peft_model, config = load_compressor(model, tokenizer, comp, source, compressor)
     peft_model.eval()
+    merge_comp_embeddings(peft_model)
     return CompressedModel(peft_model, tokenizer, comp, config, source, trained=compressor is not None)
+
+
+def merge_comp_embeddings(peft_model) -> None:
+    """Write the trained `<COMP>` rows into the embedding weights, for inference.
+
+    Unmerged, PEFT's trainable-tokens layer rebuilds the whole embedding matrix with
+    `index_copy` at every forward pass (and the tied output head a second time), which costs more
+    than a decoding step's attention on CPU. PEFT unmerges them again by itself inside
+    `disable_adapter()`, so comparisons against the base model stay exact.
+    """
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, TrainableTokensLayer) and not module.merged:
+            module.merge()

@@ -46,6 +46,24 @@ def make_policy(method: str, min_step_tokens: int = 8, **context) -> Policy:
     return cls(argument or None, min_step_tokens=min_step_tokens, **context)
 
 
+def check_method(method: str) -> None:
+    """Raise `UserError` for a method string that names no policy or has an invalid argument.
+
+    Policies that need context (a trained classifier) are checked for their name and argument
+    only, so a typo is caught before any model is loaded.
+    """
+    name, _, argument = method.strip().partition(":")
+    if name not in REGISTRY:
+        raise UserError(f"unknown method '{method}'; known methods: {', '.join(sorted(REGISTRY))} (e.g. interval:32)")
+    if name == "classifier":
+        if argument:
+            from dyncomp.policies.classifier import parse_tau
+
+            parse_tau(argument)
+        return
+    make_policy(method)
+
+
 def parse_methods(text: str) -> list[str]:
     """Split a comma-separated --methods value, rejecting empty entries and duplicates."""
     methods = [m.strip() for m in text.split(",")]
@@ -56,4 +74,4 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-__all__ = ["DecodeState", "Policy", "REGISTRY", "make_policy", "parse_methods"]
+__all__ = ["DecodeState", "Policy", "REGISTRY", "check_method", "make_policy", "parse_methods"]

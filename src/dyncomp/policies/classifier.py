@@ -30,7 +30,7 @@ class ClassifierPolicy(Policy):
 
             classifier = load_classifier(classifier)
         self.classifier = classifier
-        self.tau = classifier.info.tau if argument is None else _parse_tau(argument)
+        self.tau = classifier.info.tau if argument is None else parse_tau(argument)
 
     def prepare(self, tokenizer, device: torch.device | str = "cpu") -> None:
         self.classifier.probe.to(device)
@@ -53,7 +53,7 @@ class ClassifierPolicy(Policy):
         return f"classifier:{self.tau:g}"
 
 
-def _parse_tau(argument: str) -> float:
+def parse_tau(argument: str) -> float:
     try:
         tau = float(argument)
     except ValueError:
