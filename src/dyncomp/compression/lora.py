@@ -119,15 +119,16 @@ class CompGate:
         self.comp_ids = tuple(int(i) for i in comp_ids)
         self.adapter = adapter
         self._gate: torch.Tensor | None = None
+        self._paused: list = []
 
-        lora_b_modules = [
-            module.lora_B[adapter] for module in peft_model.modules() if isinstance(module, LoraLayer) and adapter in module.lora_B
-        ]
+        self._lora_layers = [module for module in peft_model.modules() if isinstance(module, LoraLayer) and adapter in module.lora_B]
+        lora_b_modules = [module.lora_B[adapter] for module in self._lora_layers]
         if not lora_b_modules:
             raise UserError(f"the model has no LoRA modules of adapter '{adapter}'; check the LoRA targets")
         self._handles = [
             peft_model.get_base_model().register_forward_pre_hook(self._reject_embeddings_only, with_kwargs=True),
             peft_model.get_input_embeddings().register_forward_pre_hook(self._store_gate),
+            peft_model.get_base_model().register_forward_hook(self._resume_layers, always_call=True),
         ]
         self._handles += [module.register_forward_hook(self._apply_gate) for module in lora_b_modules]
         logger.debug("gated %d lora_B modules of adapter '%s'", len(lora_b_modules), adapter)
@@ -145,6 +146,20 @@ class CompGate:
         comp_table = torch.as_tensor(self.comp_ids, device=input_ids.device)
         self._gate = torch.isin(input_ids, comp_table).unsqueeze(-1)  # (batch, seq, 1)
 
+        # Most decoding steps hold no <COMP> at all, and there the gated update is zero anyway, so
+        # the LoRA layers are switched off for the call instead of computing it. Layers a user
+        # disabled (PEFT's disable_adapter) are left alone, and training always takes the full path.
+        self._resume_layers()
+        if not torch.is_grad_enabled() and not bool(self._gate.any()):
+            self._paused = [layer for layer in self._lora_layers if not layer._disable_adapters]
+            for layer in self._paused:
+                layer._disable_adapters = True
+
+    def _resume_layers(self, *hook_args) -> None:
+        for layer in self._paused:
+            layer._disable_adapters = False
+        self._paused = []
+
     def _apply_gate(self, module, args, output):
         gate = self._gate
         if gate is None or gate.shape[:-1] != output.shape[:-1]:
@@ -156,6 +171,7 @@ class CompGate:
         return output.masked_fill(~gate.to(output.device), 0.0)
 
     def remove(self) -> None:
+        self._resume_layers()
         for handle in self._handles:
             handle.remove()
         self._handles = []
