@@ -36,7 +36,7 @@ from dyncomp.models.compressed import CompressedModel
 from dyncomp.models.loading import cache_dir
 from dyncomp.models.tokens import base_fingerprint
 from dyncomp.prompting import format_prompt
-from dyncomp.training.compressor import compressed_forward
+from dyncomp.compression.recurrent import compressed_forward
 from dyncomp.training.encoding import IGNORE_INDEX, EncodedSequence, Reasoning, insert_comp, pad_batch, tokenize_reasoning
 
 logger = logging.getLogger(__name__)

@@ -22,6 +22,20 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return getattr(model, "dtype", None) or next(model.parameters()).dtype
 
 
+def compressed_forward(model, batch: dict[str, torch.Tensor], comp_ids, mode: str = "concat", keep_prompt: bool = True, **model_kwargs):
+    """Run one parallel forward pass under the compression mask with logical positions.
+
+    `batch` holds `input_ids`, `attention_mask` and `prompt_mask`. `model_kwargs` go to the
+    model's forward, e.g. `logits_to_keep=1` when only hidden states are read.
+    """
+    mask = build_compression_mask(
+        batch["input_ids"], batch["attention_mask"], batch["prompt_mask"], comp_ids,
+        mode=mode, keep_prompt=keep_prompt, dtype=_model_dtype(model),
+    )
+    positions = logical_position_ids(batch["attention_mask"])
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False, **model_kwargs)
+
+
 def parallel_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -32,11 +46,8 @@ def parallel_logits(
     keep_prompt: bool = True,
 ) -> torch.Tensor:
     """Return the logits `(batch, seq, vocab)` of one forward pass under the concat compression mask."""
-    mask = build_compression_mask(
-        input_ids, attention_mask, prompt_mask, comp_ids, keep_prompt=keep_prompt, dtype=_model_dtype(model)
-    )
-    positions = logical_position_ids(attention_mask)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask}
+    return compressed_forward(model, batch, comp_ids, keep_prompt=keep_prompt).logits
 
 
 def _slot_roles(layout: Layout) -> torch.Tensor:

@@ -38,7 +38,7 @@ class VerifyResult:
     adapter_vs_base: float
     """Largest absolute logit difference with no `<COMP>` in the input, `<COMP>` columns aside (invariant 4)."""
     comp_changes_output: float
-    """Largest difference the adapter makes on a sequence that holds `<COMP>` (shows the check is not vacuous)."""
+    """Largest difference the adapter makes on a sequence that contains `<COMP>` (shows the check is not vacuous)."""
     tolerance: float
 
     @property

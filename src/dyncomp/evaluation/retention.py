@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from dyncomp.models.tokens import CompTokens
 from dyncomp.policies import DecodeState, make_policy
-from dyncomp.training.compressor import compressed_forward, token_losses
+from dyncomp.compression.recurrent import compressed_forward
+from dyncomp.training.compressor import token_losses
 from dyncomp.training.encoding import IGNORE_INDEX, Reasoning, insert_comp, pad_batch
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ class CompTokens:
     strings: tuple[str, ...]
     ids: tuple[int, ...]
     init: str = "mean"
-    """How the new embedding rows started: 'mean' is the mean of the existing input rows."""
+    """Initialisation of the new embedding rows: 'mean' is the mean of the existing input rows."""
 
     @property
     def k(self) -> int:

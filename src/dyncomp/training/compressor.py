@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dyncomp.compression.recurrent import compressed_forward
 from dyncomp.data.annotated import AnnotatedExample, load_annotated, split_annotated
 from dyncomp.errors import UserError
 from dyncomp.models.loading import DEFAULT_MODEL, load_model
@@ -94,22 +95,6 @@ class SequenceCollator:
         batch = pad_batch([item["sequence"] for item in items], self.pad_id, side="right")
         batch.pop("carried")
         return batch
-
-
-def compressed_forward(model, batch: dict[str, torch.Tensor], comp_ids, mode: str, keep_prompt: bool, **model_kwargs):
-    """Run one parallel forward pass under the compression mask with logical positions.
-
-    `model_kwargs` go to the model's forward, e.g. `logits_to_keep=1` when only hidden states are read.
-    """
-    from dyncomp.compression.masks import build_compression_mask, logical_position_ids
-
-    dtype = next(model.parameters()).dtype
-    mask = build_compression_mask(
-        batch["input_ids"], batch["attention_mask"], batch["prompt_mask"], comp_ids,
-        mode=mode, keep_prompt=keep_prompt, dtype=dtype,
-    )
-    position_ids = logical_position_ids(batch["attention_mask"])
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False, **model_kwargs)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
