@@ -95,3 +95,51 @@ def test_slot_roles_follow_compaction():
     assert slot_codes(cache.layers[0].keys, 0)[1:] == [0, 4]
     assert slot_codes(cache.layers[0].keys, 1) == [12, 13, 14]
     assert slot_codes(cache.layers[0].keys, 2) == [20, 21, 23]
+
+
+def test_growing_cache_gives_the_same_logits_and_keys_as_a_dynamic_cache():
+    from conftest import make_tiny_model
+    from dyncomp.compression.cache import allocated_bytes, cache_argument_name, growing_cache
+
+    model = make_tiny_model("llama")
+    name = cache_argument_name(model)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (2, 40))
+    plain, growing = DynamicCache(), growing_cache()
+    with torch.inference_mode():
+        first = model(input_ids=ids[:, :8], use_cache=True, **{name: plain}).logits
+        second = model(input_ids=ids[:, :8], use_cache=True, **{name: growing}).logits
+        assert torch.equal(first, second)
+        for t in range(8, 40):  # past the first headroom of 32 spare slots, so the buffer grows once
+            a = model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: plain}).logits
+            b = model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: growing}).logits
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    for plain_layer, growing_layer in zip(plain.layers, growing.layers):
+        assert torch.equal(plain_layer.keys, growing_layer.keys)
+        assert torch.equal(plain_layer.values, growing_layer.values)
+    assert growing.get_seq_length() == 40
+    assert cache_bytes(growing) <= allocated_bytes(growing) <= cache_bytes(growing) * (40 + 32) // 40
+
+
+def test_growing_cache_compacts_in_place_and_crops():
+    from dyncomp.compression.cache import growing_cache
+
+    cache = growing_cache()
+    reference = numbered_cache()
+    for index, layer in enumerate(reference.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), index)
+    buffer_before = cache.layers[0]._key_slots.buffer.data_ptr()
+    valid = torch.ones(BATCH, SLOTS, dtype=torch.bool)
+    drop = torch.tensor([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+
+    compact(cache, valid, drop)
+    compact(reference, valid, drop)
+
+    assert cache.layers[0]._key_slots.buffer.data_ptr() == buffer_before
+    for growing_layer, plain_layer in zip(cache.layers, reference.layers):
+        assert torch.equal(growing_layer.keys, plain_layer.keys)
+        assert torch.equal(growing_layer.values, plain_layer.values)
+    cache.crop(-1)
+    assert cache.get_seq_length() == 4 and slot_codes(cache.layers[1].keys, 1) == [110, 111, 112, 113]
+    cache.update(torch.zeros(BATCH, HEADS, 1, HEAD_DIM), torch.zeros(BATCH, HEADS, 1, HEAD_DIM), 0)
+    assert cache.layers[0].keys.shape[2] == 5 and float(cache.layers[0].keys[:, :, -1].abs().sum()) == 0.0

@@ -123,8 +123,32 @@ def test_batch_memory_never_exceeds_cache(compressing_model):
     engine = CompressingEngine(model, tokenizer, comp, trace_memory=True)
     engine.eos_ids = set()
     engine.generate(PROMPTS, make_policy("interval:7", min_step_tokens=1), DecodingConfig(max_new_tokens=20))
-    for row_bytes, tensor_bytes in engine.last_stats.memory_trace:
+    stats = engine.last_stats
+    for row_bytes, tensor_bytes in stats.memory_trace:
         assert sum(row_bytes) <= tensor_bytes
+    # The cache appends into spare slots: allocated memory is the held slots plus at most that headroom.
+    assert stats.physical_peak_bytes <= stats.allocated_peak_bytes
+    assert stats.allocated_peak_bytes <= stats.physical_peak_bytes + 2 * 32 * len(PROMPTS) * _slot_bytes_per_row(model)
+
+
+def _slot_bytes_per_row(model) -> int:
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+
+
+def test_decoding_runs_sdpa_and_restores_eager(compressing_model):
+    model, tokenizer, comp = compressing_model
+    seen = []
+    hook = model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation)
+    )
+    try:
+        CompressingEngine(model, tokenizer, comp).generate([PROMPTS[0]], make_policy("none"), DecodingConfig(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {"sdpa"}
+    assert model.get_base_model().config._attn_implementation == "eager"
 
 
 def test_drop_prompt_reduces_memory(compressing_model):

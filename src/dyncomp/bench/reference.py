@@ -29,8 +29,8 @@ def _rebuild_cache(cache, keep: torch.Tensor):
 
 
 @torch.inference_mode()
-def reference_generate(model, tokenizer, comp, prompt: str, policy: Policy, max_new_tokens: int, ignore_eos: bool = True) -> tuple[list[int], float]:
-    """Decode one prompt greedily; returns the generated ids (`<COMP>` included) and the wall seconds."""
+def reference_generate(model, tokenizer, comp, prompt: str, policy: Policy, max_new_tokens: int, ignore_eos: bool = True) -> tuple[list[int], float, float]:
+    """Decode one prompt greedily; returns the generated ids (`<COMP>` included), the wall seconds and the prompt pass's seconds."""
     from transformers import DynamicCache
 
     cache_argument = cache_argument_name(model)
@@ -40,6 +40,7 @@ def reference_generate(model, tokenizer, comp, prompt: str, policy: Policy, max_
     prompt_length = ids.shape[1]
     cache = DynamicCache()
     output = model(input_ids=ids, output_hidden_states=True, use_cache=True, **{cache_argument: cache})
+    prompt_seconds = time.perf_counter() - started
     position = prompt_length
     roles = ["prompt"] * prompt_length
     generated: list[int] = []
@@ -80,4 +81,4 @@ def reference_generate(model, tokenizer, comp, prompt: str, policy: Policy, max_
         cache = _rebuild_cache(cache, keep)
         roles = [role for role in roles if role != "step"]
         step_length = 0
-    return generated, time.perf_counter() - started
+    return generated, time.perf_counter() - started, prompt_seconds

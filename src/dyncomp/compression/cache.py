@@ -19,6 +19,138 @@ from dataclasses import dataclass
 import torch
 
 
+def _headroom(length: int) -> int:
+    """Spare slots to allocate beyond `length`: a few steps' worth, at most an eighth more."""
+    return max(32, length // 8)
+
+
+class _SlotBuffer:
+    """Keys or values of one layer in a tensor with spare slots, so an append writes in place.
+
+    `view()` is the `(batch, kv_heads, length, head_dim)` part that holds tokens; the rest of
+    the `(batch, kv_heads, capacity, head_dim)` buffer is allocated but unused.
+    """
+
+    def __init__(self, tensor: torch.Tensor | None):
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+        self.other = tensor  # anything that is not a 4D tensor (None, or the empty 1D tensor of a fresh layer)
+        if tensor is not None and tensor.dim() == 4:
+            self.assign(tensor)
+
+    def view(self) -> torch.Tensor | None:
+        if self.buffer is None:
+            return self.other
+        return self.buffer[:, :, : self.length]
+
+    def _allocate(self, like: torch.Tensor, length: int) -> None:
+        batch, heads, _, head_dim = like.shape
+        self.buffer = like.new_empty(batch, heads, length + _headroom(length), head_dim)
+
+    def assign(self, tensor: torch.Tensor) -> None:
+        """Hold `tensor` (batch, kv_heads, n, head_dim), reusing the buffer when its shape allows."""
+        length = tensor.shape[2]
+        buffer = self.buffer
+        if buffer is not None and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride():
+            self.length = length  # a leading slice of the buffer itself, as `crop` makes
+            return
+        fits = (
+            buffer is not None
+            and buffer.shape[0] == tensor.shape[0] and buffer.shape[1] == tensor.shape[1] and buffer.shape[3] == tensor.shape[3]
+            and buffer.dtype == tensor.dtype and buffer.device == tensor.device
+            and length <= buffer.shape[2] <= length + 2 * _headroom(length)
+        )
+        if not fits:
+            self._allocate(tensor, length)
+        elif tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+            tensor = tensor.clone()  # another part of the buffer, which the copy below could overwrite while reading
+        self.buffer[:, :, :length].copy_(tensor)
+        self.length = length
+
+    def append(self, states: torch.Tensor) -> torch.Tensor:
+        """Write `states` (batch, kv_heads, n, head_dim) after the held slots and return the new view."""
+        if self.buffer is None:
+            self.assign(states)
+            return self.view()
+        end = self.length + states.shape[2]
+        if end > self.buffer.shape[2]:
+            held = self.view()
+            self._allocate(held, end)
+            self.buffer[:, :, : self.length].copy_(held)
+        self.buffer[:, :, self.length : end].copy_(states)
+        self.length = end
+        return self.view()
+
+
+def _set_slots(slots: _SlotBuffer | None, tensor: torch.Tensor | None) -> _SlotBuffer:
+    """Store `tensor` in `slots` when both hold 4D tensors, else start a new `_SlotBuffer`."""
+    if slots is None or slots.buffer is None or tensor is None or tensor.dim() != 4:
+        return _SlotBuffer(tensor)
+    slots.assign(tensor)
+    return slots
+
+
+def growing_cache():
+    """Return an empty `DynamicCache` whose layers append in place instead of concatenating.
+
+    A `DynamicLayer` copies its whole cache at every token (`torch.cat`); on a CPU this copy
+    cost more than the matrix products of a batch-16 decoding step. The layers made here keep
+    spare slots (see `_headroom`) and copy only when those run out. Everything else, including
+    `layer.keys = tensor` as `gather_slots` does, behaves as in a `DynamicLayer`.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if cache.layers or getattr(cache, "layer_class_to_replicate", None) is None:
+        return cache  # a transformers version that builds its layers differently: keep its own
+    cache.layer_class_to_replicate = _growing_layer_class()
+    return cache
+
+
+_GROWING_LAYER = None
+
+
+def _growing_layer_class():
+    global _GROWING_LAYER
+    if _GROWING_LAYER is not None:
+        return _GROWING_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values live in `_SlotBuffer`s."""
+
+        @property
+        def keys(self):
+            return self._key_slots.view() if "_key_slots" in self.__dict__ else None
+
+        @keys.setter
+        def keys(self, tensor):
+            self._key_slots = _set_slots(self.__dict__.get("_key_slots"), tensor)
+
+        @property
+        def values(self):
+            return self._value_slots.view() if "_value_slots" in self.__dict__ else None
+
+        @values.setter
+        def values(self, tensor):
+            self._value_slots = _set_slots(self.__dict__.get("_value_slots"), tensor)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return self._key_slots.append(key_states), self._value_slots.append(value_states)
+
+        def allocated_bytes(self) -> int:
+            total = 0
+            for slots in (self._key_slots, self._value_slots):
+                if slots.buffer is not None:
+                    total += slots.buffer.numel() * slots.buffer.element_size()
+            return total
+
+    _GROWING_LAYER = GrowingLayer
+    return GrowingLayer
+
+
 def cache_argument_name(model: torch.nn.Module) -> str:
     """Return the name of the cache argument of the model's forward.
 
@@ -97,16 +229,31 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def valid_bytes(cache, valid: torch.Tensor) -> torch.Tensor:
-    """Count, per row, the key and value bytes of the valid slots over all layers; returns shape `(batch,)`."""
-    slots = valid.sum(-1).long()
-    total = torch.zeros_like(slots)
+def bytes_per_slot(cache) -> int:
+    """Key plus value bytes of one slot of one row, over all layers."""
+    total = 0
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
             continue
         for tensor in (layer.keys, layer.values):
             _, heads, _, head_dim = tensor.shape
-            total += slots * heads * head_dim * tensor.element_size()
+            total += heads * head_dim * tensor.element_size()
+    return total
+
+
+def valid_bytes(cache, valid: torch.Tensor) -> torch.Tensor:
+    """Count, per row, the key and value bytes of the valid slots over all layers; returns shape `(batch,)`."""
+    return valid.sum(-1).long() * bytes_per_slot(cache)
+
+
+def allocated_bytes(cache) -> int:
+    """Count the bytes the cache's layers have allocated, spare slots of a `growing_cache` included."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "allocated_bytes"):
+            total += layer.allocated_bytes()
+        elif getattr(layer, "is_initialized", False):
+            total += sum(tensor.numel() * tensor.element_size() for tensor in (layer.keys, layer.values))
     return total
 
 

@@ -23,7 +23,15 @@ from typing import Callable
 import torch
 
 from dyncomp.classifier.features import FinalNormCapture
-from dyncomp.compression.cache import SlotRoles, cache_argument_name, cache_bytes, step_drop_mask
+from dyncomp.compression.cache import (
+    SlotRoles,
+    allocated_bytes,
+    bytes_per_slot,
+    cache_argument_name,
+    cache_bytes,
+    growing_cache,
+    step_drop_mask,
+)
 from dyncomp.errors import UserError
 from dyncomp.models.tokens import CompTokens
 from dyncomp.policies.base import DecodeState, Policy
@@ -80,8 +88,31 @@ class BatchStats:
     forward_passes: int = 0
     physical_peak_bytes: int = 0
     """Largest key and value bytes the batch's cache held, padding slots included."""
+    allocated_peak_bytes: int = 0
+    """Largest bytes the cache had allocated: `physical_peak_bytes` plus the spare slots it appends into."""
     memory_trace: list[tuple[list[int], int]] = field(default_factory=list)
     """With `trace_memory`, per forward pass: each row's counted bytes and the cache's tensor bytes."""
+
+
+@contextlib.contextmanager
+def decoding_attention(model: torch.nn.Module):
+    """Run the model under PyTorch's fused attention (`sdpa`) while decoding, when it was loaded with `eager`.
+
+    Models load with eager attention because training applies custom 4D masks. Decoding only
+    passes padding masks, and eager attention copies every cached key and value once per layer
+    and step to repeat them over the query heads, which costs as much as the matrix products
+    at batch 16 on a CPU. Both implementations pass the invariant tests.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(base.config, "_attn_implementation", None)
+    if current != "eager" or not hasattr(base, "set_attn_implementation"):
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(current)
 
 
 def _select_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -130,6 +161,13 @@ class CompressingEngine:
         inputs[self.cache_argument] = cache
         return self.model(use_cache=True, **inputs)
 
+    def _forward_without_head(self, cache, **inputs):
+        """Run the decoder stack only: teacher-forced decoding needs no logits after the prompt."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder = base.get_decoder()
+        inputs[cache_argument_name(decoder)] = cache
+        return decoder(use_cache=True, **inputs)
+
     @torch.inference_mode()
     def generate(
         self,
@@ -144,8 +182,6 @@ class CompressingEngine:
         With `forced`, row i feeds the tokens `forced[i]` instead of sampling (teacher forcing),
         while its policy still decides where to compress; the row ends after its last forced token.
         """
-        from transformers import DynamicCache
-
         config = config or DecodingConfig()
         if policy.teacher_forced_only:
             raise ValueError(f"policy '{policy.spec()}' works only teacher-forced")
@@ -162,13 +198,13 @@ class CompressingEngine:
             encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         attention = encoded["attention_mask"].bool()  # (batch, prompt_len)
         self._check_length(int(attention.sum(-1).max()), max(map(len, forced)) if forced else config.max_new_tokens)
-        cache = DynamicCache()
+        cache = growing_cache()
         roles = SlotRoles(torch.where(attention, SlotRoles.PROMPT, SlotRoles.EMPTY).to(torch.int8))
         positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
 
         # The hidden state a classifier reads is a by-product of the pass that predicts the next token.
         capture = FinalNormCapture(self.model) if policy.needs_hidden else None
-        with capture if capture is not None else contextlib.nullcontext():
+        with decoding_attention(self.model), capture if capture is not None else contextlib.nullcontext():
             output = self._forward(cache, input_ids=encoded["input_ids"], attention_mask=attention.long(), position_ids=positions, logits_to_keep=1)
             stats.prefill_seconds = time.perf_counter() - started
             stats.forward_passes += 1
@@ -192,10 +228,14 @@ class CompressingEngine:
         comp_pending = torch.zeros(batch, dtype=torch.long, device=device)  # <COMP> tokens still to feed
         generated = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        bytes_per_slot = None
+        dependency = torch.zeros(batch, dtype=torch.long, device=device)
+        peak_slots = torch.zeros(batch, dtype=torch.long, device=device)
+        slot_bytes = None
         logits = output.logits[:, -1]  # (batch, vocab)
         forced_ids = forced_lengths = None
+        forward = self._forward
         if forced is not None:
+            forward = self._forward_without_head
             forced_lengths = torch.tensor([len(row) for row in forced], device=device)
             width = max(int(forced_lengths.max()), 1)
             forced_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in forced], device=device)  # (batch, width)
@@ -238,18 +278,17 @@ class CompressingEngine:
             valid = roles.valid
             attended = valid.sum(-1) + 1  # (batch,)
             mask = torch.cat([valid, fed[:, None]], dim=-1).long()  # (batch, L + 1)
-            output = self._forward(cache, input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None])
+            output = forward(cache, input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None])
             stats.forward_passes += 1
             new_roles = torch.where(feeding_comp, SlotRoles.MEMORY, SlotRoles.STEP)
             roles.append(torch.where(fed, new_roles, SlotRoles.EMPTY).to(torch.int8)[:, None])
             next_position += fed.long()
-            for row in (fed & ~feeding_comp).nonzero().flatten().tolist():
-                results[row].dependency += int(attended[row])
+            dependency += torch.where(fed & ~feeding_comp, attended, 0)
 
             # The peak is read before compaction: the finished step and its <COMP> are both held then.
-            if bytes_per_slot is None:
-                bytes_per_slot = _bytes_per_slot(cache)
-            self._count_memory(results, roles, fed, bytes_per_slot, stats, cache)
+            if slot_bytes is None:
+                slot_bytes = bytes_per_slot(cache)
+            peak_slots = self._count_memory(peak_slots, roles, fed, slot_bytes, stats, cache)
             comp_pending = torch.where(feeding_comp & fed, comp_pending - 1, comp_pending)
             group_done = feeding_comp & fed & (comp_pending == 0)
             if bool(group_done.any()):
@@ -262,16 +301,19 @@ class CompressingEngine:
             stats.policy_seconds += time.perf_counter() - policy_started
             start_group = decide & fed & ~feeding_comp & (generated < limit)
             comp_pending = torch.where(start_group, torch.full_like(comp_pending, k), comp_pending)
-            logits = output.logits[:, -1]
+            logits = output.logits[:, -1] if forced_ids is None else logits
 
-        self._finish(results, bytes_per_slot or _bytes_per_slot(cache), roles)
+        for result, row_dependency, row_peak in zip(results, dependency.tolist(), peak_slots.tolist()):
+            result.dependency = row_dependency
+            result.kv_bytes_peak = row_peak * (slot_bytes or 0)
+        self._finish(results, slot_bytes or bytes_per_slot(cache), roles)
         return results
 
     def _record(self, results, tokens, emits, comps, on_token) -> None:
         comp_ids = self.comp.ids if self.comp is not None else ()
+        token_list, comp_list = tokens.tolist(), comps.tolist()
         for row in (emits | comps).nonzero().flatten().tolist():
-            token = int(tokens[row])
-            is_comp = bool(comps[row])
+            token, is_comp = token_list[row], comp_list[row]
             result = results[row]
             if not is_comp:
                 result.n_generated += 1
@@ -294,23 +336,25 @@ class CompressingEngine:
                 results[row].stop_reason = "stop"
         return hits
 
-    def _count_memory(self, results, roles, fed, bytes_per_slot: int, stats, cache) -> None:
+    def _count_memory(self, peak_slots, roles, fed, slot_bytes: int, stats, cache) -> torch.Tensor:
+        """Update the batch's peaks after a forward pass and return each row's peak slot count `(batch,)`."""
         # Counted from the slots each row really holds, not from token counts.
-        row_bytes = (roles.valid.sum(-1) * bytes_per_slot).tolist()
+        row_slots = roles.valid.sum(-1)
+        row_bytes = (row_slots * slot_bytes).tolist()
         self.current_row_bytes = row_bytes
-        stats.physical_peak_bytes = max(stats.physical_peak_bytes, roles.roles.shape[1] * bytes_per_slot)
+        stats.physical_peak_bytes = max(stats.physical_peak_bytes, roles.roles.shape[1] * slot_bytes)
+        stats.allocated_peak_bytes = max(stats.allocated_peak_bytes, allocated_bytes(cache))
         if self.trace_memory:
             stats.memory_trace.append((row_bytes, cache_bytes(cache)))
-        for row in fed.nonzero().flatten().tolist():
-            results[row].kv_bytes_peak = max(results[row].kv_bytes_peak, int(row_bytes[row]))
+        return torch.where(fed, torch.maximum(peak_slots, row_slots), peak_slots)
 
-    def _finish(self, results, bytes_per_slot: int, roles) -> None:
-        final_bytes = (roles.valid.sum(-1) * bytes_per_slot).tolist()
+    def _finish(self, results, slot_bytes: int, roles) -> None:
+        final_bytes = (roles.valid.sum(-1) * slot_bytes).tolist()
         for row, result in enumerate(results):
             # The last generated token is sampled but never fed, so it occupies no slot.
-            result.kv_bytes_full = (result.prompt_tokens + max(result.n_generated - 1, 0)) * bytes_per_slot
+            result.kv_bytes_full = (result.prompt_tokens + max(result.n_generated - 1, 0)) * slot_bytes
             result.kv_bytes_final = int(final_bytes[row])
-            result.kv_bytes_peak = max(result.kv_bytes_peak, result.prompt_tokens * bytes_per_slot)
+            result.kv_bytes_peak = max(result.kv_bytes_peak, result.prompt_tokens * slot_bytes)
             result.text = self.decode_marked(result.token_ids)
 
     def decode_marked(self, token_ids: list[int]) -> str:
@@ -329,13 +373,3 @@ class CompressingEngine:
                 current.append(token)
         pieces.append(self.tokenizer.decode(current, skip_special_tokens=True))
         return "".join(pieces)
-
-
-def _bytes_per_slot(cache) -> int:
-    """Key plus value bytes of one token over all layers."""
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            _, heads, _, head_dim = layer.keys.shape
-            total += 2 * heads * head_dim * layer.keys.element_size()
-    return total
