@@ -266,6 +266,7 @@ def test_annotated_missing_file(tmp_path):
         ("[]", "the list is empty"),
         ("[1, 2", "invalid JSON"),
         ('["text"]', "record 0 is a str"),
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "r", "answer": "#### 2"}\n', "looks like JSON Lines"),
     ],
 )
 def test_annotated_invalid_file(tmp_path, content, message):

@@ -87,7 +87,10 @@ def load_annotated(path: str | Path) -> list[AnnotatedExample]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise UserError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg})") from None
+        hint = ""
+        if error.msg == "Extra data" and error.colno == 1:
+            hint = "; this looks like JSON Lines (one object per line, as GSM8K's files are), but annotated reasoning is one JSON list"
+        raise UserError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}){hint}") from None
     if not isinstance(records, list):
         raise UserError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
     if not records:
