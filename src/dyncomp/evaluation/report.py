@@ -46,16 +46,19 @@ def plot_pareto(results: dict[str, dict], path: Path) -> Path | None:
     has_nll = any(m.get("nll_ratio") is not None for _, m in rows)
     figure, axes = plt.subplots(1, 2 if has_nll else 1, figsize=(11 if has_nll else 6, 4.2), squeeze=False)
     panels = [("accuracy", "accuracy")] + ([("nll_ratio", "NLL ratio (teacher-forced, lower is better)")] if has_nll else [])
+    # Methods often share a compression ratio (newline and interval:N do), so a legend names
+    # the points where text labels beside them would overlap.
+    markers = "osD^v<>pPX*h"
     for axis, (key, label) in zip(axes[0], panels):
-        for method, m in rows:
+        for index, (method, m) in enumerate(rows):
             value = m.get(key)
             if value is None:
                 continue
-            axis.scatter(m["compression_ratio"], value, s=36)
-            axis.annotate(method, (m["compression_ratio"], value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.scatter(m["compression_ratio"], value, s=40, marker=markers[index % len(markers)], label=method, alpha=0.85)
         axis.set_xlabel("compression ratio (full KV / peak KV)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
