@@ -253,6 +253,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _source_commit() -> str | None:
+    """Return the git commit of the dyncomp sources, or None outside a git checkout."""
+    import subprocess
+
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() or None
+
+
 def run_bench(config: BenchConfig) -> dict:
     """Run every comparison and write the JSON results and a markdown table next to them."""
     from tqdm.auto import tqdm
@@ -299,6 +312,7 @@ def run_bench(config: BenchConfig) -> dict:
             "machine": platform.machine(),
             "processor": platform.processor(),
             "device": str(next(bench.model.parameters()).device),
+            "commit": _source_commit(),
         },
     }
     out = Path(config.out)
