@@ -27,7 +27,7 @@ def _headroom(length: int) -> int:
 class _SlotBuffer:
     """Keys or values of one layer in a tensor with spare slots, so an append writes in place.
 
-    `view()` is the `(batch, kv_heads, length, head_dim)` part that holds tokens; the rest of
+    `view()` is the `(batch, kv_heads, length, head_dim)` part that contains tokens. The rest of
     the `(batch, kv_heads, capacity, head_dim)` buffer is allocated but unused.
     """
 
@@ -93,16 +93,16 @@ def _set_slots(slots: _SlotBuffer | None, tensor: torch.Tensor | None) -> _SlotB
 def growing_cache():
     """Return an empty `DynamicCache` whose layers append in place instead of concatenating.
 
-    A `DynamicLayer` copies its whole cache at every token (`torch.cat`); on a CPU this copy
-    cost more than the matrix products of a batch-16 decoding step. The layers made here keep
-    spare slots (see `_headroom`) and copy only when those run out. Everything else, including
-    `layer.keys = tensor` as `gather_slots` does, behaves as in a `DynamicLayer`.
+    A `DynamicLayer` copies its whole cache at every token (`torch.cat`). On 2 CPU cores this
+    copy took more time than the matrix products of a batch-16 decoding step. The layers made
+    here keep spare slots (see `_headroom`) and copy only when those run out. Everything else,
+    including `layer.keys = tensor` as `gather_slots` does, behaves as in a `DynamicLayer`.
     """
     from transformers import DynamicCache
 
     cache = DynamicCache()
     if cache.layers or getattr(cache, "layer_class_to_replicate", None) is None:
-        return cache  # a transformers version that builds its layers differently: keep its own
+        return cache  # This transformers version builds its layers another way, so keep them.
     cache.layer_class_to_replicate = _growing_layer_class()
     return cache
 
