@@ -143,3 +143,39 @@ def test_growing_cache_compacts_in_place_and_crops():
     assert cache.get_seq_length() == 4 and slot_codes(cache.layers[1].keys, 1) == [110, 111, 112, 113]
     cache.update(torch.zeros(BATCH, HEADS, 1, HEAD_DIM), torch.zeros(BATCH, HEADS, 1, HEAD_DIM), 0)
     assert cache.layers[0].keys.shape[2] == 5 and float(cache.layers[0].keys[:, :, -1].abs().sum()) == 0.0
+
+
+def test_growing_cache_moves_only_compressed_rows():
+    from dyncomp.compression.cache import growing_cache
+
+    cache = growing_cache()
+    reference = numbered_cache()
+    for index, layer in enumerate(reference.layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), index)
+    slots = cache.layers[0]._key_slots
+    buffer_before = slots.buffer.data_ptr()
+    # Row 0 is left-padded and keeps its tokens; row 1 is the longest and compresses;
+    # row 2 ends in a padding slot, as a finished row does, so its tokens must move right.
+    valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    drop = torch.tensor([[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+
+    new_valid = compact(cache, valid, drop)
+    compact(reference, valid, drop)
+
+    assert slots.buffer.data_ptr() == buffer_before
+    assert slots.start == 1 and slots.length == 4
+    assert new_valid.tolist() == [[False, True, True, True], [False, True, True, True], [True, True, True, True]]
+    for growing_layer, plain_layer in zip(cache.layers, reference.layers):
+        for growing_tensor, plain_tensor in ((growing_layer.keys, plain_layer.keys), (growing_layer.values, plain_layer.values)):
+            assert torch.equal(growing_tensor[new_valid[:, None, :, None].expand_as(growing_tensor)],
+                               plain_tensor[new_valid[:, None, :, None].expand_as(plain_tensor)])
+    assert slot_codes(cache.layers[1].keys, 0)[1:] == [102, 103, 104]
+    assert slot_codes(cache.layers[1].keys, 1)[1:] == [110, 113, 114]
+    assert slot_codes(cache.layers[1].keys, 2) == [120, 121, 122, 123]
+
+    # Appending past the spare slots moves the held slots to the front of a new buffer.
+    for step in range(40):
+        code = torch.full((BATCH, HEADS, 1, HEAD_DIM), 1000.0 + step)
+        cache.update(code, -code, 0)
+    assert slots.start == 0 and cache.layers[0].keys.shape[2] == 44
+    assert slot_codes(cache.layers[0].keys, 2)[:5] == [20, 21, 22, 23, 1000]

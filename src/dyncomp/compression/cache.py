@@ -27,12 +27,15 @@ def _headroom(length: int) -> int:
 class _SlotBuffer:
     """Keys or values of one layer in a tensor with spare slots, so an append writes in place.
 
-    `view()` is the `(batch, kv_heads, length, head_dim)` part that contains tokens. The rest of
-    the `(batch, kv_heads, capacity, head_dim)` buffer is allocated but unused.
+    `view()` is the `(batch, kv_heads, length, head_dim)` part that contains tokens, from slot
+    `start` of the `(batch, kv_heads, capacity, head_dim)` buffer. The rest of the buffer is
+    allocated but unused: spare slots after the view, and before it the slots that a compaction
+    cut from the left.
     """
 
     def __init__(self, tensor: torch.Tensor | None):
         self.buffer: torch.Tensor | None = None
+        self.start = 0
         self.length = 0
         self.other = tensor  # anything that is not a 4D tensor (None, or the empty 1D tensor of a fresh layer)
         if tensor is not None and tensor.dim() == 4:
@@ -41,7 +44,7 @@ class _SlotBuffer:
     def view(self) -> torch.Tensor | None:
         if self.buffer is None:
             return self.other
-        return self.buffer[:, :, : self.length]
+        return self.buffer[:, :, self.start : self.start + self.length]
 
     def _allocate(self, like: torch.Tensor, length: int) -> None:
         batch, heads, _, head_dim = like.shape
@@ -51,8 +54,8 @@ class _SlotBuffer:
         """Hold `tensor` (batch, kv_heads, n, head_dim), reusing the buffer when its shape allows."""
         length = tensor.shape[2]
         buffer = self.buffer
-        if buffer is not None and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride():
-            self.length = length  # a leading slice of the buffer itself, as `crop` makes
+        if buffer is not None and tensor.data_ptr() == self.view().data_ptr() and tensor.stride() == buffer.stride():
+            self.length = length  # a leading slice of the view itself, as `crop` makes
             return
         fits = (
             buffer is not None
@@ -65,21 +68,38 @@ class _SlotBuffer:
         elif tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
             tensor = tensor.clone()  # another part of the buffer, which the copy below could overwrite while reading
         self.buffer[:, :, :length].copy_(tensor)
-        self.length = length
+        self.start, self.length = 0, length
 
     def append(self, states: torch.Tensor) -> torch.Tensor:
         """Write `states` (batch, kv_heads, n, head_dim) after the held slots and return the new view."""
         if self.buffer is None:
             self.assign(states)
             return self.view()
-        end = self.length + states.shape[2]
-        if end > self.buffer.shape[2]:
+        new_length = self.length + states.shape[2]
+        if self.start + new_length > self.buffer.shape[2]:
             held = self.view()
-            self._allocate(held, end)
+            self._allocate(held, new_length)
             self.buffer[:, :, : self.length].copy_(held)
-        self.buffer[:, :, self.length : end].copy_(states)
-        self.length = end
+            self.start = 0
+        end = self.start + new_length
+        self.buffer[:, :, end - states.shape[2] : end].copy_(states)
+        self.length = new_length
         return self.view()
+
+    def compact_rows(self, index: torch.Tensor, moved: torch.Tensor, shift: int) -> None:
+        """Apply the compaction `index` `(batch, new_L)` in place, copying only the rows in `moved`.
+
+        Every other row's `index` is `shift, ..., L - 1`, so for those rows dropping the first
+        `shift` slots of the view is the whole compaction, and no data moves.
+        """
+        moved = moved.to(self.buffer.device)
+        rows = None
+        if moved.numel():
+            rows = _gather_seq(self.view().index_select(0, moved), index.to(moved.device).index_select(0, moved))
+        self.start += shift
+        self.length = index.shape[1]
+        if rows is not None:
+            self.view().index_copy_(0, moved, rows)
 
 
 def _set_slots(slots: _SlotBuffer | None, tensor: torch.Tensor | None) -> _SlotBuffer:
@@ -139,6 +159,10 @@ def _growing_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             return self._key_slots.append(key_states), self._value_slots.append(value_states)
+
+        def compact_rows(self, index, moved, shift):
+            self._key_slots.compact_rows(index, moved, shift)
+            self._value_slots.compact_rows(index, moved, shift)
 
         def allocated_bytes(self) -> int:
             total = 0
@@ -200,10 +224,25 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def gather_slots(cache, index: torch.Tensor) -> None:
-    """Replace every layer's keys and values by the slots that `index` `(batch, new_L)` selects, on the cache object."""
-    for layer in _dynamic_layers(cache):
-        layer.keys = _gather_seq(layer.keys, index)
-        layer.values = _gather_seq(layer.values, index)
+    """Replace every layer's keys and values by the slots that `index` `(batch, new_L)` selects, on the cache object.
+
+    The layers of a `growing_cache` copy only the rows whose slots move. A row that keeps all
+    its slots where they are (a row that did not compress, typically) costs nothing, which
+    matters at batch 8 or 16, where rows compress at different steps.
+    """
+    layers = _dynamic_layers(cache)
+    if not layers:
+        return
+    length = layers[0].keys.shape[2]
+    shift = length - index.shape[1]
+    in_place = (index == torch.arange(shift, length, device=index.device)).all(-1)  # (batch,)
+    moved = (~in_place).nonzero().flatten()
+    for layer in layers:
+        if hasattr(layer, "compact_rows"):
+            layer.compact_rows(index, moved, shift)
+        else:
+            layer.keys = _gather_seq(layer.keys, index)
+            layer.values = _gather_seq(layer.values, index)
 
 
 def compact(cache, valid: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
