@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--classifier", default=DEFAULTS.classifier, help="trained classifier folder")
     parser.add_argument("--data", default=DEFAULTS.data, help="GSM8K file whose questions serve as prompts")
     parser.add_argument("--device", default=DEFAULTS.device, help="torch device (default: cuda when available)")
-    parser.add_argument("--repeats", type=int, default=DEFAULTS.repeats, help="A/B pairs per comparison (default 1 with --quick, else 3)")
+    parser.add_argument("--repeats", type=int, default=DEFAULTS.repeats, help="A/B pairs per comparison (default 3; with --quick, 1 except 3 for none_vs_hf_generate)")
     parser.set_defaults(handler=run)
 
 
