@@ -39,3 +39,24 @@ def test_bench_table_marks_targets():
     assert "| `none_vs_hf_generate` | 0.950 | >= 0.95 | yes |" in table
     assert "| `vs_reference_loop` | 2.000 | >= 8.0 | no |" in table
     assert "| `classifier_share` | 0.500 | <= 0.01 | no |" in table
+
+
+def test_time_per_token_alternates_methods():
+    from types import SimpleNamespace
+
+    from dyncomp.bench.runner import Bench
+
+    calls = []
+
+    def run_engine(engine, prompts, method, length):
+        calls.append((method, length))
+        return [SimpleNamespace(n_generated=length, kv_bytes_peak=len(method))], length * 0.01
+
+    bench = Bench.__new__(Bench)
+    bench.engine, bench.prompts, bench.run_engine = object(), ["prompt"], run_engine
+
+    measured = bench.time_per_token([4, 8])
+
+    assert calls == [("none", 4), ("interval:64", 4), ("classifier", 4), ("none", 8), ("interval:64", 8), ("classifier", 8)]
+    assert measured["seconds_per_token"]["none"] == {4: 0.01, 8: 0.01}
+    assert measured["peak_bytes_at_longest"] == {"none": 4, "interval:64": 11, "classifier": 10}
