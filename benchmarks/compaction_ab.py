@@ -4,10 +4,11 @@ Run from the repository root after `make setup`:
 
     .venv/bin/python benchmarks/compaction_ab.py --out /tmp/compaction_ab.json
 
-It decodes the same 8 GSM8K prompts with the classifier policy for 256 tokens (EOS ignored),
-alternating the two compaction paths of a `growing_cache`: `row_local` copies only the rows
-whose slots move, `all_rows` gathers every row of every layer as a plain `DynamicCache` does.
-Both give the same tokens; the JSON has tokens per second and the seconds spent compacting.
+It decodes the same 8 GSM8K prompts with the classifier policy for 256 tokens (EOS ignored).
+The runs alternate the two compaction paths of a `growing_cache`. `row_local` copies only the
+rows whose slots move, and `all_rows` gathers every row of every layer as a plain
+`DynamicCache` does. Both give the same tokens. The JSON has tokens per second and the seconds
+spent compacting.
 """
 
 from __future__ import annotations

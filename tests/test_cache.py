@@ -154,8 +154,8 @@ def test_growing_cache_moves_only_compressed_rows():
         cache.update(layer.keys.clone(), layer.values.clone(), index)
     slots = cache.layers[0]._key_slots
     buffer_before = slots.buffer.data_ptr()
-    # Row 0 is left-padded and keeps its tokens; row 1 is the longest and compresses;
-    # row 2 ends in a padding slot, as a finished row does, so its tokens must move right.
+    # Row 0 is left-padded and keeps its tokens. Row 1 is the longest and compresses. Row 2
+    # ends in a padding slot, as a finished row does, so its tokens must move right.
     valid = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
     drop = torch.tensor([[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
 
@@ -163,7 +163,8 @@ def test_growing_cache_moves_only_compressed_rows():
     compact(reference, valid, drop)
 
     assert slots.buffer.data_ptr() == buffer_before
-    assert slots.start == 1 and slots.length == 4
+    assert slots.start == 1
+    assert slots.length == 4
     assert new_valid.tolist() == [[False, True, True, True], [False, True, True, True], [True, True, True, True]]
     for growing_layer, plain_layer in zip(cache.layers, reference.layers):
         for growing_tensor, plain_tensor in ((growing_layer.keys, plain_layer.keys), (growing_layer.values, plain_layer.values)):
