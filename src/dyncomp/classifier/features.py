@@ -34,7 +34,7 @@ from dyncomp.data.annotated import AnnotatedExample
 from dyncomp.errors import UserError
 from dyncomp.models.compressed import CompressedModel
 from dyncomp.models.loading import cache_dir
-from dyncomp.models.tokens import base_fingerprint
+from dyncomp.models.tokens import base_fingerprint, unwrap_peft
 from dyncomp.prompting import format_prompt
 from dyncomp.compression.recurrent import compressed_forward
 from dyncomp.training.encoding import IGNORE_INDEX, EncodedSequence, Reasoning, insert_comp, pad_batch, tokenize_reasoning
@@ -50,7 +50,7 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 def find_final_norm(model: nn.Module) -> nn.Module:
     """Return the norm module applied after the last decoder layer of `model` (a PEFT model or a plain one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     for name in _FINAL_NORM_NAMES:
         module = getattr(decoder, name, None)

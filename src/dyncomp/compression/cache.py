@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dyncomp.models.tokens import unwrap_peft
+
 
 def _headroom(length: int) -> int:
     """Spare slots to allocate beyond `length`: a few steps' worth, at most an eighth more."""
@@ -77,9 +79,9 @@ class _SlotBuffer:
             return self.view()
         new_length = self.length + states.shape[2]
         if self.start + new_length > self.buffer.shape[2]:
-            held = self.view()
-            self._allocate(held, new_length)
-            self.buffer[:, :, : self.length].copy_(held)
+            stored = self.view()
+            self._allocate(stored, new_length)
+            self.buffer[:, :, : self.length].copy_(stored)
             self.start = 0
         end = self.start + new_length
         self.buffer[:, :, end - states.shape[2] : end].copy_(states)
@@ -127,6 +129,19 @@ def growing_cache():
     return cache
 
 
+def _slots_property(attribute: str) -> property:
+    """Build a `keys` or `values` property that reads and assigns through the `_SlotBuffer` in `attribute`."""
+
+    def read(layer):
+        slots = layer.__dict__.get(attribute)
+        return slots.view() if slots is not None else None
+
+    def assign(layer, tensor):
+        layer.__dict__[attribute] = _set_slots(layer.__dict__.get(attribute), tensor)
+
+    return property(read, assign)
+
+
 _GROWING_LAYER = None
 
 
@@ -139,21 +154,8 @@ def _growing_layer_class():
     class GrowingLayer(DynamicLayer):
         """A `DynamicLayer` whose keys and values live in `_SlotBuffer`s."""
 
-        @property
-        def keys(self):
-            return self._key_slots.view() if "_key_slots" in self.__dict__ else None
-
-        @keys.setter
-        def keys(self, tensor):
-            self._key_slots = _set_slots(self.__dict__.get("_key_slots"), tensor)
-
-        @property
-        def values(self):
-            return self._value_slots.view() if "_value_slots" in self.__dict__ else None
-
-        @values.setter
-        def values(self, tensor):
-            self._value_slots = _set_slots(self.__dict__.get("_value_slots"), tensor)
+        keys = _slots_property("_key_slots")
+        values = _slots_property("_value_slots")
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -181,7 +183,7 @@ def cache_argument_name(model: torch.nn.Module) -> str:
     It is `cache` where the forward has such an argument (transformers 5.25 does), else the
     older `past_key_values`. A PEFT model is unwrapped to its base model, whose forward names it.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     parameters = inspect.signature(type(base).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 

@@ -33,7 +33,7 @@ from dyncomp.compression.cache import (
     step_drop_mask,
 )
 from dyncomp.errors import UserError
-from dyncomp.models.tokens import CompTokens
+from dyncomp.models.tokens import CompTokens, unwrap_peft
 from dyncomp.policies.base import DecodeState, Policy
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def decoding_attention(model: torch.nn.Module):
     and step to repeat them over the query heads, which costs as much as the matrix products
     at batch 16 on a CPU. Both implementations pass the invariant tests.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     current = getattr(base.config, "_attn_implementation", None)
     if current != "eager" or not hasattr(base, "set_attn_implementation"):
         yield
@@ -138,6 +138,8 @@ class CompressingEngine:
         self.tokenizer = tokenizer
         self.comp = comp
         self.cache_argument = cache_argument_name(model)
+        self._decoder: tuple[torch.nn.Module, str] | None = None
+        """The decoder stack without the language-model head, and its cache argument's name."""
         self.device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -163,9 +165,11 @@ class CompressingEngine:
 
     def _forward_without_head(self, cache, **inputs):
         """Run the decoder stack only: teacher-forced decoding needs no logits after the prompt."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        decoder = base.get_decoder()
-        inputs[cache_argument_name(decoder)] = cache
+        if self._decoder is None:  # found once, because `cache_argument_name` inspects a signature
+            decoder = unwrap_peft(self.model).get_decoder()
+            self._decoder = (decoder, cache_argument_name(decoder))
+        decoder, cache_argument = self._decoder
+        inputs[cache_argument] = cache
         return decoder(use_cache=True, **inputs)
 
     @torch.inference_mode()

@@ -14,6 +14,11 @@ COMP_MARKER = "<COMP>"
 """The marker annotated reasoning uses at a step boundary."""
 
 
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the `transformers` model inside a PEFT wrapper, or `model` itself when it is not wrapped."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 @dataclass(frozen=True)
 class CompTokens:
     """The k `<COMP>` token strings and ids registered on one tokenizer."""
