@@ -97,7 +97,7 @@ def test_slot_roles_follow_compaction():
     assert slot_codes(cache.layers[0].keys, 2) == [20, 21, 23]
 
 
-def test_growing_cache_gives_the_same_logits_and_keys_as_a_dynamic_cache():
+def test_growing_cache_matches_dynamic_cache():
     from conftest import make_tiny_model
     from dyncomp.compression.cache import allocated_bytes, cache_argument_name, growing_cache
 
@@ -140,9 +140,11 @@ def test_growing_cache_compacts_in_place_and_crops():
         assert torch.equal(growing_layer.keys, plain_layer.keys)
         assert torch.equal(growing_layer.values, plain_layer.values)
     cache.crop(-1)
-    assert cache.get_seq_length() == 4 and slot_codes(cache.layers[1].keys, 1) == [110, 111, 112, 113]
+    assert cache.get_seq_length() == 4
+    assert slot_codes(cache.layers[1].keys, 1) == [110, 111, 112, 113]
     cache.update(torch.zeros(BATCH, HEADS, 1, HEAD_DIM), torch.zeros(BATCH, HEADS, 1, HEAD_DIM), 0)
-    assert cache.layers[0].keys.shape[2] == 5 and float(cache.layers[0].keys[:, :, -1].abs().sum()) == 0.0
+    assert cache.layers[0].keys.shape[2] == 5
+    assert float(cache.layers[0].keys[:, :, -1].abs().sum()) == 0.0
 
 
 def test_growing_cache_moves_only_compressed_rows():
@@ -174,9 +176,10 @@ def test_growing_cache_moves_only_compressed_rows():
     assert slot_codes(cache.layers[1].keys, 1)[1:] == [110, 113, 114]
     assert slot_codes(cache.layers[1].keys, 2) == [120, 121, 122, 123]
 
-    # Appending past the spare slots moves the held slots to the front of a new buffer.
+    # Appending past the spare slots moves the stored slots to the front of a new buffer.
     for step in range(40):
         code = torch.full((BATCH, HEADS, 1, HEAD_DIM), 1000.0 + step)
         cache.update(code, -code, 0)
-    assert slots.start == 0 and cache.layers[0].keys.shape[2] == 44
+    assert slots.start == 0
+    assert cache.layers[0].keys.shape[2] == 44
     assert slot_codes(cache.layers[0].keys, 2)[:5] == [20, 21, 22, 23, 1000]
