@@ -78,6 +78,19 @@ def test_batching_keeps_tokens_and_comp_points(compressing_model, method):
         assert batched.kv_bytes_peak == alone.kv_bytes_peak
 
 
+@pytest.mark.parametrize("method", ["none", "interval:5"])
+def test_packed_weights_keep_tokens(compressing_model, method):
+    # Batch 8 is inside the packed window, so every decoding step runs oneDNN's product there.
+    model, tokenizer, comp = compressing_model
+    outputs = []
+    for packed_weights in (True, False):
+        engine = CompressingEngine(model, tokenizer, comp, packed_weights=packed_weights)
+        engine.eos_ids = set()
+        results = engine.generate(PROMPTS, make_policy(method, min_step_tokens=2), DecodingConfig(max_new_tokens=16))
+        outputs.append([r.token_ids for r in results])
+    assert outputs[0] == outputs[1]
+
+
 def test_interval_policy_compresses_on_schedule(compressing_model):
     model, tokenizer, comp = compressing_model
     engine = CompressingEngine(model, tokenizer, comp)
