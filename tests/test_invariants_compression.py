@@ -143,6 +143,33 @@ def test_comp_input_changes_logits(tiny_family):
     assert not torch.allclose(adapted[1, 3:], expected[1, 3:], atol=1e-3)
 
 
+@pytest.mark.parametrize("dropout_in_train_mode", [False, True], ids=["eval", "train_mode_no_dropout"])
+def test_rows_only_update_matches_masked_update(tiny_family, dropout_in_train_mode):
+    # Without gradients the LoRA update is computed for the <COMP> rows only; with them, PEFT
+    # computes it for every row and the gate zeroes the rest. Both must give the same logits.
+    peft_model, comp = adapted_model(tiny_family, k=2)
+    if dropout_in_train_mode:
+        peft_model.train()  # dropout is 0, so the rows-only path still applies
+    input_ids, attention_mask = plain_batch()
+    input_ids[1, 3:5] = torch.tensor(comp.ids)
+    input_ids[0, 6] = comp.ids[1]
+
+    gate = comp_gate(peft_model)
+    updates = []
+    rows_update = gate._rows_update
+    gate._rows_update = lambda comp_rows: updates.append(comp_rows.tolist()) or rows_update(comp_rows)
+
+    masked_full = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits.detach()
+    assert updates == []
+    with torch.inference_mode():
+        rows_only = peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    assert torch.allclose(rows_only, masked_full, atol=TOLERANCE)
+    assert updates and all(rows == [6, 10, 11] for rows in updates)  # (batch * seq) indices of the <COMP> tokens
+    assert not gate._row_hooks
+    assert not any(layer._disable_adapters for layer in gate._lora_layers)
+
+
 def decode_step_by_step(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Feed the first half in one call and the rest one token per call with a cache; returns all logits."""
     cache = DynamicCache()
