@@ -5,7 +5,7 @@ Run from the repository root after `make setup`:
     .venv/bin/python benchmarks/packed_weights_ab.py --out /tmp/packed_ab.json
 
 For each batch size it decodes the first GSM8K prompts with the chosen policy (EOS ignored),
-alternating an engine that packs its linear weights for oneDNN (`packed`) with one that calls
+alternating an engine that packs its linear weights for MKL (`packed`) with one that calls
 `F.linear` (`plain`). The JSON has decoding tokens per second (after the prompt's pass), the
 median ratio per batch size, and whether both gave the same tokens.
 """
@@ -38,7 +38,7 @@ def main() -> None:
     summary = {}
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = bench.prompts[:batch]
-        bench.run_engine(engines["packed"], prompts[:1], args.method, 4)  # packs the weights outside the timing
+        engines["packed"].prepare_batch_size(batch)  # packs the weights outside the timing
         runs, tokens = {name: [] for name in engines}, {}
         for _ in range(args.pairs):
             for name, engine in engines.items():

@@ -136,7 +136,7 @@ class CompressingEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, comp: CompTokens | None, trace_memory: bool = False, packed_weights: bool = True):
         self.model = model
         self.packed_weights = packed_weights
-        """On a CPU in float32, decode batches of 4 to 32 rows with prepacked weights (`dyncomp.generation.packed`)."""
+        """On a CPU in float32, decode batches of 4 to 64 rows with prepacked weights (`dyncomp.generation.packed`)."""
         self._packed: PackedLinears | None = None
         self.trace_memory = trace_memory
         self.tokenizer = tokenizer
@@ -163,12 +163,17 @@ class CompressingEngine:
                 "lower --max-new-tokens or shorten the prompt"
             )
 
-    def _linear_kernels(self):
+    def prepare_batch_size(self, batch: int) -> None:
+        """Make the packed weight copies for `batch` rows now, so the first generation at that size does not pay for them."""
+        with self._linear_kernels(batch):
+            pass
+
+    def _linear_kernels(self, batch: int):
         if not self.packed_weights:
             return contextlib.nullcontext()
-        if self._packed is None:  # packed on first use and kept, so later batches reuse the copies
+        if self._packed is None:  # made on first use and kept, so later batches of the same size reuse the copies
             self._packed = PackedLinears(self.model)
-        return self._packed.active()
+        return self._packed.active(batch)
 
     def _forward(self, cache, **inputs):
         inputs[self.cache_argument] = cache
@@ -219,7 +224,7 @@ class CompressingEngine:
 
         # The hidden state a classifier reads is a by-product of the pass that predicts the next token.
         capture = FinalNormCapture(self.model) if policy.needs_hidden else None
-        with decoding_attention(self.model), self._linear_kernels(), capture if capture is not None else contextlib.nullcontext():
+        with decoding_attention(self.model), self._linear_kernels(attention.shape[0]), capture if capture is not None else contextlib.nullcontext():
             output = self._forward(cache, input_ids=encoded["input_ids"], attention_mask=attention.long(), position_ids=positions, logits_to_keep=1)
             stats.prefill_seconds = time.perf_counter() - started
             stats.forward_passes += 1

@@ -1,11 +1,11 @@
-"""Linear layers through oneDNN with prepacked weights, for batched decoding on a CPU.
+"""Linear layers through MKL with prepacked weights, for batched decoding on a CPU.
 
-A decoding step multiplies a few rows (the batch) by every weight matrix. Measured on a 2-core
-Xeon with AVX-512, over SmolLM2-135M's 211 linear layers with weights read from memory, one
-step took 45.5 ms at 8 rows and 51.2 ms at 16 rows with `F.linear` (MKL), and 33.4 ms and
-41.3 ms with weights packed once by `torch.ops.mkldnn._reorder_linear_weight`. At 1 to 3 rows,
-and for the prompt's pass, `F.linear` was faster, so packed weights are used only inside that
-window, decided per call.
+A decoding step multiplies as many rows as the batch holds by every weight matrix. Measured on
+a 2-core Xeon with AVX-512, over SmolLM2-135M's 211 linear layers with weights read from memory,
+one step took 47.8 ms at 8 rows and 51.2 ms at 16 rows with `F.linear`, and 31.4 ms and 36.9 ms
+with weights packed once for that row count (`torch.ops.mkl._mkl_reorder_linear_weight`). At 1
+to 3 rows packing gained nothing. The packed layout depends on the row count, so a copy is made
+per batch size, and the prompt's pass, whose row count differs, keeps `F.linear`.
 
 PyTorch's own compiler packs weights this way on a CPU (inductor, with freezing). These two
 operators are internal to PyTorch; where they are missing, decoding runs unchanged.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -22,24 +23,27 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 MIN_ROWS = 4
-MAX_ROWS = 32
-"""Rows per call (batch times tokens) for which packed weights beat `F.linear` on the CPU measured above."""
+MAX_ROWS = 64
+"""Batch sizes whose decoding steps use packed weights; the speeds above were measured from 4 to 64 rows."""
 
 MIN_SIDE = 64
-"""Weights with a side shorter than this (LoRA's low-rank factors) keep `F.linear`: packing made them slower."""
+"""Weights with a side shorter than this (LoRA's low-rank factors) keep `F.linear`, where packing gains nothing."""
+
+KEPT_BATCH_SIZES = 2
+"""Packed copies are kept for this many batch sizes, so alternating two sizes does not pack again each time."""
 
 MEMORY_SHARE = 0.25
-"""Packed copies are made only when they fit in this share of the memory still available."""
+"""A copy is made only when it fits in this share of the memory still available."""
 
 
 def packing_available(model: torch.nn.Module) -> bool:
-    """True when `model` is float32 on a CPU and this PyTorch has the oneDNN linear operators."""
+    """Return True when `model` is float32 on a CPU and this PyTorch has MKL's packed linear operators."""
     parameter = next(model.parameters(), None)
     if parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         return False
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkl.is_available():
         return False
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
 def _available_bytes() -> int | None:
@@ -51,7 +55,7 @@ def _available_bytes() -> int | None:
 
 
 class PackedLinears:
-    """Packed copies of a model's `nn.Linear` weights, made once and refreshed when a weight changes.
+    """Packed copies of a model's large `nn.Linear` weights, one set per batch size, refreshed when a weight changes.
 
     A packed copy is keyed to its weight's storage and version counter. A weight changed in
     place is therefore packed again before it is used: PEFT merges and unmerges the `<COMP>`
@@ -60,17 +64,8 @@ class PackedLinears:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._packed: dict[torch.nn.Linear, tuple[int, int, torch.Tensor]] = {}
         self.enabled = packing_available(model)
-        if self.enabled:
-            needed = sum(m.weight.numel() * m.weight.element_size() for m in self._linears())
-            available = _available_bytes()
-            if available is not None and needed > MEMORY_SHARE * available:
-                logger.info(
-                    "decoding without packed weights: %.0f MiB of copies would exceed a quarter of the %.0f MiB available",
-                    needed / 2**20, available / 2**20,
-                )
-                self.enabled = False
+        self._sets: OrderedDict[int, dict[torch.nn.Linear, tuple[int, int, torch.Tensor]]] = OrderedDict()
 
     def _linears(self) -> list[torch.nn.Linear]:
         # Modules whose forward was already replaced on the instance (accelerate's offload hooks) are left alone.
@@ -79,45 +74,68 @@ class PackedLinears:
             if type(m) is torch.nn.Linear and "forward" not in m.__dict__ and min(m.weight.shape) >= MIN_SIDE
         ]
 
-    def _packed_weight(self, module: torch.nn.Linear) -> torch.Tensor:
+    def _fits_in_memory(self, modules: list[torch.nn.Linear]) -> bool:
+        needed = sum(m.weight.numel() * m.weight.element_size() for m in modules)
+        available = _available_bytes()
+        if available is None or needed <= MEMORY_SHARE * available:
+            return True
+        logger.info(
+            "decoding without packed weights: %.0f MiB of copies would exceed a quarter of the %.0f MiB available",
+            needed / 2**20, available / 2**20,
+        )
+        return False
+
+    def _packed_weight(self, packed_set: dict, module: torch.nn.Linear, rows: int) -> torch.Tensor:
         weight = module.weight
         key = (weight.data_ptr(), weight._version)
-        entry = self._packed.get(module)
+        entry = packed_set.get(module)
         if entry is None or entry[:2] != key:
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), MIN_ROWS * 2)
-            entry = (*key, packed)
-            self._packed[module] = entry
+                entry = (*key, torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows))
+            packed_set[module] = entry
         return entry[2]
 
+    def _packed_set(self, rows: int, modules: list[torch.nn.Linear]) -> dict | None:
+        if rows in self._sets:
+            self._sets.move_to_end(rows)
+            return self._sets[rows]
+        while len(self._sets) >= KEPT_BATCH_SIZES:
+            self._sets.popitem(last=False)
+        if not self._fits_in_memory(modules):
+            return None
+        self._sets[rows] = {}
+        return self._sets[rows]
+
     @contextlib.contextmanager
-    def active(self):
-        """Route the model's linear layers through the packed weights inside the block, when packing is available."""
-        if not self.enabled:
-            yield
-            return
+    def active(self, rows: int):
+        """Route the model's large linear layers through weights packed for `rows` rows inside the block.
+
+        Nothing changes when packing is unavailable or `rows` is outside `MIN_ROWS`..`MAX_ROWS`.
+        """
+        modules = self._linears() if self.enabled and MIN_ROWS <= rows <= MAX_ROWS else []
+        packed_set = self._packed_set(rows, modules) if modules else None
         patched = []
         try:
-            for module in self._linears():
-                module.forward = _packed_forward(module, self._packed_weight(module))
-                patched.append(module)
+            if packed_set is not None:
+                for module in modules:
+                    module.forward = _packed_forward(module, self._packed_weight(packed_set, module, rows), rows)
+                    patched.append(module)
             yield
         finally:
             for module in patched:
                 del module.forward
 
 
-def _run_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _run_packed(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor):
+def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor, rows: int):
     weight, bias = module.weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if MIN_ROWS <= rows <= MAX_ROWS and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return _run_packed(x, packed, bias)
+        if x.numel() == rows * x.shape[-1] and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return _run_packed(x, packed, weight, bias, rows)
         return F.linear(x, weight, bias)
 
     return forward
