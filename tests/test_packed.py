@@ -115,3 +115,21 @@ def test_off_when_memory_short(monkeypatch, packed_calls):
         model(torch.randn(8, 64))
 
     assert packed_calls == []
+
+
+def test_failed_packing_falls_back(monkeypatch, packed_calls):
+    def broken(weight, rows):
+        raise RuntimeError("unknown operator")
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", broken)
+    model = small_model()
+    weights = PackedLinears(model)
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        with weights.active(8):
+            result = model(x)
+
+    assert torch.equal(result, expected)
+    assert packed_calls == []
+    assert not weights.enabled
