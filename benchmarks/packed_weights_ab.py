@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from dyncomp.bench.runner import Bench, BenchConfig
+from dyncomp.bench.runner import Bench, BenchConfig, _median_ratio
 from dyncomp.generation.engine import CompressingEngine
 
 
@@ -46,7 +45,7 @@ def main() -> None:
                 runs[name].append(sum(r.n_generated for r in results) / engine.last_stats.decode_seconds)
                 tokens[name] = [r.token_ids for r in results]
         summary[f"batch{batch}"] = {
-            "decode_tok_s_ratio_packed_over_plain": statistics.median(a / b for a, b in zip(runs["packed"], runs["plain"])),
+            "decode_tok_s_ratio_packed_over_plain": _median_ratio(list(zip(runs["packed"], runs["plain"]))),
             "identical_tokens": tokens["packed"] == tokens["plain"],
             "decode_tok_s": runs,
         }

@@ -80,7 +80,7 @@ def test_batching_keeps_tokens_and_comp_points(compressing_model, method):
 
 @pytest.mark.parametrize("method", ["none", "interval:5"])
 def test_packed_weights_keep_tokens(compressing_model, method):
-    # Batch 8 is inside the packed window, so every decoding step runs oneDNN's product there.
+    # Batch 8 is inside the packed window, so every decoding step runs MKL's packed product there.
     model, tokenizer, comp = compressing_model
     outputs = []
     for packed_weights in (True, False):

@@ -145,7 +145,7 @@ def test_comp_input_changes_logits(tiny_family):
 
 @pytest.mark.parametrize("dropout_in_train_mode", [False, True], ids=["eval", "train_mode_no_dropout"])
 def test_rows_only_update_matches_masked_update(tiny_family, dropout_in_train_mode):
-    # Without gradients the LoRA update is computed for the <COMP> rows only; with them, PEFT
+    # Without gradients the LoRA update is computed for the <COMP> rows only. With them, PEFT
     # computes it for every row and the gate zeroes the rest. Both must give the same logits.
     peft_model, comp = adapted_model(tiny_family, k=2)
     if dropout_in_train_mode:

@@ -12,7 +12,7 @@ for a full sequence, a prefill and one-token decoding steps with a cache.
 Without gradients (generation), a step that holds a `<COMP>` does not run PEFT's LoRA on every
 row and zero most of it: hooks on the LoRA layers add the low-rank update to the `<COMP>` rows
 only. The result is the same up to rounding. On SmolLM2-135M at batch 8 (2 CPU cores), a
-decoding step holding a `<COMP>` took 68 ms this way and 71 ms through PEFT; one without took 60 ms.
+decoding step holding a `<COMP>` took 68 ms this way and 71 ms through PEFT. One without took 60 ms.
 
 PEFT initialises `lora_B` to zero, so an untrained adapter computes the base model's function
 except for the `<COMP>` embedding rows.
